@@ -1,0 +1,35 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install demo test lint dry-run clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[cpu,dev]"
+	touch $@
+
+demo: install
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/snakemake --cores $(CORES)
+	@echo
+	@echo "Exported model: $$(cat results/export/EXPORTED_TO 2>/dev/null || echo results/export/model)"
+
+dry-run: install
+	$(BIN)/snakemake -n
+
+test: install
+	WANDB_MODE=disabled $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check workflow/scripts tests benchmarks resources/demo
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results logs .snakemake

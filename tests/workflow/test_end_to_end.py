@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from .helpers import run_snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The whole workflow on the demo data (2-process FSDP2 pretraining, shortened to 6 steps)."""
+    workdir = tmp_path_factory.mktemp("demo")
+    overrides = ["training.max_steps=6", "checkpoint.save_every=3", "logging.log_every=2", "logging.eval_every=3"]
+    write_config(workdir, pretrain={"nproc_per_node": 2, "overrides": overrides})
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return workdir
+
+
+def test_corpus_has_every_kept_cell_with_valid_tokens(demo_run):
+    corpus = pq.read_table(demo_run / "results/tokenized/pbmc_5k_protein_v3.parquet")
+    manifest = json.loads((demo_run / "results/tokenized/pbmc_5k_protein_v3.manifest.json").read_text())
+    vocab = json.loads((demo_run / "results/reference/vocab/token_dictionary.json").read_text())
+    qc = (demo_run / "results/qc/pbmc_5k_protein_v3/cells.tsv").read_text().splitlines()
+    assert corpus.num_rows == manifest["n_cells"] == len(qc) - 1 - manifest["n_cells_filtered"]
+    lengths = corpus.column("length").to_numpy()
+    assert np.array_equal(lengths, np.load(demo_run / "results/tokenized/pbmc_5k_protein_v3.lengths.npy"))
+    for ids, length in zip(corpus.column("input_ids").to_pylist()[:20], lengths[:20], strict=True):
+        assert len(ids) == length <= 2048
+        assert len(set(ids)) == len(ids)
+        assert min(ids) >= 2 and max(ids) < len(vocab)
+    assert set(corpus.column("split").to_pylist()) == {"train", "validation"}
+
+
+def test_pretraining_checkpoints_and_exports_a_loadable_model(demo_run):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    final = json.loads((demo_run / "results/pretrain/sanity/final.json").read_text())
+    assert final["step"] == 6
+    assert np.isfinite(final["train_loss"])
+    assert (demo_run / "results/pretrain/sanity" / final["checkpoint"]).is_dir()
+    export = demo_run / "results/export/sanity"
+    model = BertForMaskedLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    ids = pq.read_table(demo_run / "results/tokenized/pbmc_5k_protein_v3.parquet").column("input_ids")[0].as_py()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[:64]])).logits
+    assert logits.shape == (1, 64, len(tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_rerun_has_nothing_to_do(demo_run):
+    result = run_snakemake(demo_run, "-n", "--cores", "2")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr

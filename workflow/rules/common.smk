@@ -1,0 +1,98 @@
+import glob
+import re
+import sys
+from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+# The package lives beside the rules; rules call it with this PYTHONPATH so that they also work with
+# --use-conda, inside SLURM jobs and when the rules are imported into another workflow as a module.
+SCRIPTS_DIR = Path(workflow.current_basedir).parent / "scripts"
+TRAIN_CONFIG_DIR = Path(workflow.current_basedir).parent.parent / "config" / "train"
+# Without --use-conda, jobs use the Python that runs Snakemake (e.g. the project's virtualenv).
+PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
+GFW = f"PYTHONPATH={SCRIPTS_DIR}${{PYTHONPATH:+:$PYTHONPATH}} {PYTHON} -m geneformer_workflow"
+
+
+def find_inputs(patterns):
+    """Input .h5ad files by dataset name (file stem), from paths and glob patterns."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise ValueError(f"config 'inputs': the pattern {pattern!r} matches no file")
+        files.extend(matches)
+    datasets = {}
+    for path in files:
+        name = Path(path).name.removesuffix(".h5ad")
+        if name in datasets and datasets[name] != path:
+            raise ValueError(f"config 'inputs': two files share the dataset name {name!r}: {datasets[name]}, {path}")
+        if not Path(path).is_file():
+            raise ValueError(f"config 'inputs': {path} does not exist")
+        datasets[name] = path
+    return datasets
+
+
+def check_model_config(name):
+    available = sorted(p.stem for p in TRAIN_CONFIG_DIR.glob("*.yaml") if p.stem != "defaults" and not p.stem.startswith("_"))
+    if name not in available:
+        raise ValueError(f"config 'model': unknown model {name!r}; choose one of {available} (config/train/)")
+    return name
+
+
+DATASETS = find_inputs(config["inputs"])
+MODEL = check_model_config(str(config["model"]))
+EXPORT_DIR = f"results/export/{MODEL}"
+
+
+wildcard_constraints:
+    dataset="|".join(map(re.escape, DATASETS)) if DATASETS else "NONE",
+    model=re.escape(MODEL),
+
+
+def get_h5ad(wildcards):
+    return DATASETS[wildcards.dataset]
+
+
+def input_options():
+    """gfw options that say where counts and gene ids are in the input files."""
+    options = [f"--counts {config['counts']}"]
+    if config.get("gene_id_key"):
+        options.append(f"--gene-id-key {config['gene_id_key']}")
+    if config.get("gene_mapping"):
+        options.append(f"--gene-mapping {config['gene_mapping']}")
+    options.append(f"--chunk-size {config['tokenize']['chunk_size']}")
+    return " ".join(options)
+
+
+def qc_options():
+    options = []
+    for key, flag in (
+        ("min_counts", "--min-counts"),
+        ("max_counts", "--max-counts"),
+        ("min_genes", "--min-genes"),
+        ("max_genes", "--max-genes"),
+        ("max_pct_mito", "--max-pct-mito"),
+    ):
+        value = config["qc"].get(key)
+        options.append(f"{flag} {'none' if value is None else value}")
+    return " ".join(options)
+
+
+def get_gene_medians():
+    """The user's gene medians when given, else the ones computed from the inputs."""
+    return config["vocabulary"].get("gene_medians") or "results/reference/gene_medians.tsv"
+
+
+def existing_dictionary_option():
+    path = config["vocabulary"].get("token_dictionary")
+    return f"--token-dictionary {path}" if path else ""
+
+
+PRESET_MAX_LENGTH = {"v1": 2048, "v2": 4096}[config["tokenize"]["preset"]]

@@ -1,0 +1,27 @@
+rule qc_dataset:
+    """Per-cell QC metrics (scanpy) and the filter_pass verdict for one input file."""
+    input:
+        h5ad=get_h5ad,
+    output:
+        cells="results/qc/{dataset}/cells.tsv",
+        summary="results/qc/{dataset}/summary.json",
+        plot=report(
+            "results/qc/{dataset}/qc.png",
+            caption="../report/qc.rst",
+            category="1. Quality control",
+            subcategory="{dataset}",
+        ),
+    log:
+        "logs/qc_dataset/{dataset}.log",
+    params:
+        options=input_options(),
+        thresholds=qc_options(),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/tokenize.yaml"
+    shell:
+        "{GFW} qc {input.h5ad} -o {output.cells} --summary {output.summary} --plot {output.plot} "
+        "{params.options} {params.thresholds} > {log} 2>&1"

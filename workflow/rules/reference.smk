@@ -1,0 +1,58 @@
+rule summarize_expression:
+    """Mergeable per-file histogram of normalised expression per gene (for the gene medians)."""
+    input:
+        h5ad=get_h5ad,
+        cells=rules.qc_dataset.output.cells,
+    output:
+        summary="results/medians/{dataset}.npz",
+    log:
+        "logs/summarize_expression/{dataset}.log",
+    params:
+        options=input_options(),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/tokenize.yaml"
+    shell:
+        "{GFW} summarize {input.h5ad} -o {output.summary} --cell-filter {input.cells} {params.options} > {log} 2>&1"
+
+
+rule compute_gene_medians:
+    """Merge the per-file summaries into one gene median table (order-independent)."""
+    input:
+        summaries=expand(rules.summarize_expression.output.summary, dataset=DATASETS),
+    output:
+        medians="results/reference/gene_medians.tsv",
+    log:
+        "logs/compute_gene_medians/all.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/tokenize.yaml"
+    shell:
+        "{GFW} medians {input.summaries} -o {output.medians} > {log} 2>&1"
+
+
+rule build_vocabulary:
+    """Token dictionary (Geneformer's convention) and Hugging Face tokenizer directory."""
+    input:
+        medians=get_gene_medians(),
+    output:
+        vocab=directory("results/reference/vocab"),
+    log:
+        "logs/build_vocabulary/all.log",
+    params:
+        preset=lookup(dpath="tokenize/preset", within=config),
+        existing=existing_dictionary_option(),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/tokenize.yaml"
+    shell:
+        "{GFW} vocab {input.medians} -o {output.vocab} --preset {params.preset} {params.existing} > {log} 2>&1"

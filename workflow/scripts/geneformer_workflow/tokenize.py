@@ -1,0 +1,260 @@
+"""Rank-value tokenization of an ``.h5ad`` file into a parquet corpus (Geneformer's encoding).
+
+For every kept cell, each gene in the vocabulary gets the value ``count / n_counts * 10000 / median``
+(``n_counts`` = the cell's total over ALL genes; the median of the gene's normalised nonzero
+expression over the pretraining corpus). Genes are sorted by that value, descending, and the top
+``preset.max_genes`` become the cell's tokens (wrapped in ``<cls>`` … ``<eos>`` for v2).
+
+Differences from Geneformer's ``TranscriptomeTokenizer`` (all deliberate, see docs/tokenization.md):
+exactly tied values are ordered by ascending token id (upstream: platform-dependent); explicitly
+stored zeros never become tokens; duplicate gene ids are summed; versioned Ensembl ids are kept
+(suffix stripped); ``n_counts`` is computed when missing; cells with no vocabulary gene are dropped
+and counted; the file is streamed in row chunks, so memory does not grow with the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from geneformer_workflow._atomic import atomic_path, write_json_atomic
+from geneformer_workflow._cells import cells_to_keep, load_cell_filter, require_some_cells
+from geneformer_workflow._genes import collapse_matrix, map_gene_ids, normalize_gene_ids, report_duplicates
+from geneformer_workflow._io import H5adCounts, InputError
+from geneformer_workflow.presets import CLS, EOS, Preset
+from geneformer_workflow.progress import Progress
+from geneformer_workflow.vocab import token_dictionary_sha256
+
+log = logging.getLogger(__name__)
+
+TARGET_SUM = 10_000.0
+
+
+@dataclass
+class CorpusPaths:
+    """The files written for one tokenized input."""
+
+    parquet: Path
+    lengths_npy: Path
+    lengths_pkl: Path
+    manifest: Path
+
+    @classmethod
+    def beside(cls, parquet: str | Path) -> CorpusPaths:
+        """``X.parquet`` → ``X.lengths.npy``, ``X.lengths.pkl``, ``X.manifest.json``."""
+        parquet = Path(parquet)
+        stem = parquet.with_suffix("")
+        return cls(parquet, Path(f"{stem}.lengths.npy"), Path(f"{stem}.lengths.pkl"), Path(f"{stem}.manifest.json"))
+
+
+@dataclass
+class TokenizeStats:
+    """Counts reported in the manifest and the log."""
+
+    n_cells_input: int = 0
+    n_cells_filtered: int = 0
+    n_cells_empty: int = 0
+    n_cells: int = 0
+    n_validation: int = 0
+    n_tokens: int = 0
+    genes_in_file: int = 0
+    genes_matched: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class GeneRanker:
+    """Precomputed per-file state: file genes → vocabulary genes, and ``1 / median`` per gene.
+
+    Local gene columns are ordered by ascending token id, so a stable sort of the values breaks
+    ties by token id.
+    """
+
+    def __init__(self, file_gene_ids: np.ndarray, token_dictionary: dict[str, int], medians: pd.Series) -> None:
+        usable = sorted(
+            (token_dictionary[g], g) for g in set(file_gene_ids) if g in token_dictionary and g in medians.index
+        )
+        self.token_ids = np.array([t for t, _ in usable], dtype=np.int32)
+        genes = pd.Index([g for _, g in usable])
+        self.collapse = collapse_matrix(file_gene_ids, genes)
+        self.inv_median = 1.0 / medians.reindex(genes).to_numpy(np.float64)
+
+    @property
+    def n_genes(self) -> int:
+        """Number of the file's genes that can become tokens."""
+        return len(self.token_ids)
+
+    def rank(self, counts: sp.csr_matrix, n_counts: np.ndarray, max_genes: int) -> list[np.ndarray]:
+        """Token ids per row (cell), highest normalised value first, at most ``max_genes``."""
+        genes = sp.csr_matrix(counts @ self.collapse)
+        genes.sort_indices()
+        row = np.repeat(np.arange(genes.shape[0]), np.diff(genes.indptr))
+        # Upstream order of float64 operations: ((x * (1/n)) * 10000) * (1/median).
+        values = ((genes.data * (1.0 / n_counts)[row]) * TARGET_SUM) * self.inv_median[genes.indices]
+        tokens = self.token_ids[genes.indices]
+        ranked = []
+        for i in range(genes.shape[0]):
+            lo, hi = genes.indptr[i], genes.indptr[i + 1]
+            order = np.argsort(-values[lo:hi], kind="stable")[:max_genes]
+            ranked.append(tokens[lo:hi][order])
+        return ranked
+
+
+def validation_mask(cell_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Deterministic train/validation split by cell id (a hash, so stable across runs and files)."""
+    if fraction <= 0:
+        return np.zeros(len(cell_ids), dtype=bool)
+    limit = int(fraction * 2**64)
+    digests = [int.from_bytes(hashlib.blake2b(str(c).encode(), digest_size=8).digest(), "little") for c in cell_ids]
+    return np.array(digests, dtype=np.uint64) < np.uint64(min(limit, 2**64 - 1))
+
+
+def _obs_table(obs: pd.DataFrame, columns: list[str], path: Path) -> pa.Table:
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        msg = f"{path}: obs has no column(s) {missing} to keep (available: {list(obs.columns)})"
+        raise InputError(msg)
+    frame = obs[columns].reset_index(drop=True)
+    for col in columns:
+        if isinstance(frame[col].dtype, pd.CategoricalDtype):
+            frame[col] = frame[col].astype(str)
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _chunk_table(ranked: list[np.ndarray], preset: Preset, tokens: dict[str, int]) -> tuple[pa.Array, np.ndarray]:
+    if preset.special_tokens:
+        cls, eos = np.int32(tokens[CLS]), np.int32(tokens[EOS])
+        ranked = [np.concatenate(([cls], r, [eos])).astype(np.int32) for r in ranked]
+    lengths = np.array([len(r) for r in ranked], dtype=np.int32)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+    flat = np.concatenate(ranked).astype(np.int32) if ranked else np.array([], dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), lengths
+
+
+def tokenize_h5ad(
+    path: str | Path,
+    out_parquet: str | Path,
+    *,
+    token_dictionary: dict[str, int],
+    gene_medians: pd.Series,
+    preset: Preset,
+    counts: str = "X",
+    gene_id_key: str | None = None,
+    gene_mapping: dict[str, str] | None = None,
+    cell_filter: str | Path | None = None,
+    obs_columns: list[str] | None = None,
+    validation_fraction: float = 0.05,
+    chunk_size: int = 2048,
+) -> TokenizeStats:
+    """Tokenize one file into ``out_parquet`` (+ lengths and manifest beside it), atomically."""
+    if preset.special_tokens and not (CLS in token_dictionary and EOS in token_dictionary):
+        msg = f"preset {preset.name} needs <cls> and <eos> in the token dictionary (use a v2 vocabulary)"
+        raise InputError(msg)
+    out = CorpusPaths.beside(out_parquet)
+    stats = TokenizeStats()
+    with H5adCounts(path, counts=counts, gene_id_key=gene_id_key) as reader:
+        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping))
+        report_duplicates(reader.path, ids)
+        ranker = GeneRanker(ids, token_dictionary, gene_medians)
+        stats.n_cells_input, stats.genes_in_file, stats.genes_matched = reader.n_obs, len(set(ids)), ranker.n_genes
+        if ranker.n_genes == 0:
+            msg = (
+                f"{reader.path}: none of its {len(set(ids))} gene ids is in the vocabulary (e.g. {ids[:3].tolist()}); "
+                "are the gene ids Ensembl ids? Set the gene id column or pass a gene mapping"
+            )
+            raise InputError(msg)
+        log.info("%s: %d of %d genes are in the vocabulary", reader.path, ranker.n_genes, len(set(ids)))
+        keep = cells_to_keep(reader, load_cell_filter(cell_filter, reader) if cell_filter else None)
+        require_some_cells(reader, keep)
+        stats.n_cells_filtered = int((~keep).sum())
+        obs_table = _obs_table(reader.obs, list(obs_columns or []), reader.path)
+        cell_ids = reader.obs.index.astype(str).to_numpy()
+        lengths = _write_parquet(reader, ranker, keep, obs_table, cell_ids, preset, token_dictionary,
+                                 validation_fraction, chunk_size, out.parquet, stats)
+    _write_sidecars(out, lengths, stats, preset, token_dictionary, path, validation_fraction)
+    return stats
+
+
+def _write_parquet(
+    reader: H5adCounts,
+    ranker: GeneRanker,
+    keep: np.ndarray,
+    obs_table: pa.Table,
+    cell_ids: np.ndarray,
+    preset: Preset,
+    tokens: dict[str, int],
+    validation_fraction: float,
+    chunk_size: int,
+    target: Path,
+    stats: TokenizeStats,
+) -> np.ndarray:
+    schema = pa.schema(
+        [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_id", pa.string()), ("split", pa.string())]
+        + list(obs_table.schema)
+    )
+    all_lengths = []
+    progress = Progress(f"tokenize {reader.path.name}", reader.n_obs, unit="cells")
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for chunk in reader.iter_chunks(chunk_size):
+            n_counts = reader.n_counts(chunk)
+            rows = keep[chunk.start : chunk.stop] & (n_counts > 0)
+            ranked = ranker.rank(chunk.matrix[rows], n_counts[rows], preset.max_genes)
+            nonempty = np.array([len(r) > 0 for r in ranked], dtype=bool)
+            stats.n_cells_empty += int((~nonempty).sum()) + int((keep[chunk.start : chunk.stop] & ~(n_counts > 0)).sum())
+            index = chunk.start + np.flatnonzero(rows)[nonempty]
+            if index.size:
+                input_ids, lengths = _chunk_table([r for r, ok in zip(ranked, nonempty, strict=True) if ok], preset, tokens)
+                is_val = validation_mask(cell_ids[index], validation_fraction)
+                columns = [input_ids, pa.array(lengths), pa.array(cell_ids[index]),
+                           pa.array(np.where(is_val, "validation", "train"))]
+                columns += obs_table.take(pa.array(index)).columns
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+                all_lengths.append(lengths)
+                stats.n_validation += int(is_val.sum())
+            progress.update(chunk.stop - chunk.start)
+        progress.close()
+        lengths = np.concatenate(all_lengths) if all_lengths else np.array([], dtype=np.int32)
+        if lengths.size == 0:
+            msg = f"{reader.path}: no cell has any vocabulary gene with a nonzero count; nothing to tokenize"
+            raise InputError(msg)
+    if stats.n_cells_empty:
+        log.warning("%s: dropped %d cells with no vocabulary gene expressed", reader.path, stats.n_cells_empty)
+    stats.n_cells, stats.n_tokens = int(lengths.size), int(lengths.sum())
+    return lengths
+
+
+def _write_sidecars(
+    out: CorpusPaths,
+    lengths: np.ndarray,
+    stats: TokenizeStats,
+    preset: Preset,
+    tokens: dict[str, int],
+    source: str | Path,
+    validation_fraction: float,
+) -> None:
+    with atomic_path(out.lengths_npy) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, lengths)
+    with atomic_path(out.lengths_pkl) as tmp, open(tmp, "wb") as fh:
+        # Geneformer's pretrainer reads `example_lengths_file` as a pickled list of ints.
+        pickle.dump([int(x) for x in lengths], fh, protocol=4)
+    manifest = {
+        "source": str(source),
+        "corpus": out.parquet.name,
+        "preset": preset.name,
+        "max_length": preset.max_length,
+        "special_tokens": preset.special_tokens,
+        "vocab_size": len(tokens),
+        "token_dictionary_sha256": token_dictionary_sha256(tokens),
+        "validation_fraction": validation_fraction,
+        **{k: v for k, v in asdict(stats).items() if k != "extra"},
+        "mean_length": float(lengths.mean()),
+    }
+    write_json_atomic(out.manifest, manifest)
