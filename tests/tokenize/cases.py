@@ -11,4 +11,3 @@ MEDIANS = pd.Series([1.0, 2.0, 0.5, 1.0], index=GENES)
 #   cell2: G1 1, G3 6, G4 2                                          -> G3 G4 G1
 COUNTS = np.array([[4, 4, 1, 0], [0, 0, 0, 3], [1, 0, 3, 2]], dtype=np.float32)
 EXPECTED_GENES = [["G1", "G2", "G3"], ["G4"], ["G3", "G4", "G1"]]
-

@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-
 from geneformer_workflow.medians import (
     BIN_RATIO,
     ExpressionSummary,
@@ -49,7 +48,9 @@ def test_merge_is_independent_of_file_split_and_order(tmp_path):
     genes = [f"ENSG{i:011d}" for i in range(120)]
     whole = summarize_h5ad(write_counts_h5ad(tmp_path / "all.h5ad", counts, genes))
     parts = [
-        summarize_h5ad(write_counts_h5ad(tmp_path / f"p{i}.h5ad", counts[lo:hi], genes, cell_ids=[f"c{j}" for j in range(lo, hi)]))
+        summarize_h5ad(
+            write_counts_h5ad(tmp_path / f"p{i}.h5ad", counts[lo:hi], genes, cell_ids=[f"c{j}" for j in range(lo, hi)])
+        )
         for i, (lo, hi) in enumerate([(0, 50), (50, 220), (220, 300)])
     ]
     forward = merge_summaries(parts).medians()

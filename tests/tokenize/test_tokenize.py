@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from geneformer_workflow._io import InputError
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import write_counts_h5ad
@@ -62,10 +61,13 @@ def test_truncates_to_the_preset_length(tmp_path):
     assert [r["length"] for r in rows] == [2048, 2048]
     # highest counts first; ties by ascending token id
     first = rows[0]["input_ids"]
-    values = counts[0][[tokens_to_col := {tokens[g]: j for j, g in enumerate(genes)}[t] for t in first]]
+    column_of = {tokens[g]: j for j, g in enumerate(genes)}
+    values = counts[0][[column_of[t] for t in first]]
     assert list(values) == sorted(values, reverse=True)
     assert len(set(first)) == len(first)
-    assert tokens_to_col
+    # ties (equal counts, equal medians) are ordered by ascending token id
+    for i in range(len(first) - 1):
+        assert values[i] > values[i + 1] or first[i] < first[i + 1]
 
 
 def test_versioned_ids_duplicates_and_stored_zeros(tmp_path):
@@ -99,11 +101,12 @@ def test_filter_pass_and_empty_cells_are_dropped_and_counted(tmp_path):
 def test_obs_columns_split_lengths_and_manifest(tmp_path):
     obs = pd.DataFrame({"cell_type": pd.Categorical(["T", "B", "T"]), "batch": [1, 2, 3]})
     h5ad = write_counts_h5ad(tmp_path / "in.h5ad", COUNTS, GENES, obs=obs)
-    rows, tokens, _ = _tokenize(tmp_path, h5ad, obs_columns=["cell_type", "batch"], validation_fraction=0.5)
+    rows, _, _ = _tokenize(tmp_path, h5ad, obs_columns=["cell_type", "batch"], validation_fraction=0.5)
     assert [r["cell_type"] for r in rows] == ["T", "B", "T"]
     assert [r["batch"] for r in rows] == [1, 2, 3]
-    assert [r["split"] for r in rows] == np.where(validation_mask(np.array(["cell0", "cell1", "cell2"]), 0.5),
-                                                   "validation", "train").tolist()
+    assert [r["split"] for r in rows] == np.where(
+        validation_mask(np.array(["cell0", "cell1", "cell2"]), 0.5), "validation", "train"
+    ).tolist()
     paths = CorpusPaths.beside(tmp_path / "corpus.parquet")
     assert np.load(paths.lengths_npy).tolist() == [3, 1, 3]
     with open(paths.lengths_pkl, "rb") as fh:

@@ -5,11 +5,10 @@ import pickle
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
-
 from geneformer_workflow._pickle import load_plain_pickle
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
+from transformers import AutoTokenizer
 
 from .cases import GENES
 
@@ -47,8 +46,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not DICTIONARIES.is_dir(), reason="Geneformer's dictionaries are not in ../shared")
-@pytest.mark.parametrize(("name", "size"), [("v1/token_dictionary_gc30M.pkl", 25_426),
-                                             ("v2/token_dictionary_gc104M.pkl", 20_275)])
+@pytest.mark.parametrize(
+    ("name", "size"), [("v1/token_dictionary_gc30M.pkl", 25_426), ("v2/token_dictionary_gc104M.pkl", 20_275)]
+)
 def test_official_geneformer_dictionaries_load_safely(name, size):
     tokens = load_token_dictionary(DICTIONARIES / name)
     assert len(tokens) == size

@@ -9,8 +9,9 @@ from .helpers import REPO, SNAKEMAKE, run_snakemake, write_config
 
 @pytest.mark.parametrize("model", ["sanity", "10m", "106m", "4b", "4b_te_fp8"])
 def test_dry_run_shows_the_whole_dag_for_every_model_size(model):
-    result = subprocess.run([*SNAKEMAKE, "-n", "--config", f"model={model}"], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [*SNAKEMAKE, "-n", "--config", f"model={model}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "This was a dry-run" in result.stdout
 
@@ -19,15 +20,23 @@ def test_dry_run_of_the_fresh_demo_lists_every_rule(tmp_path):
     write_config(tmp_path)
     result = run_snakemake(tmp_path, "-n", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
-    for rule in ("qc_dataset", "summarize_expression", "compute_gene_medians", "build_vocabulary",
-                 "tokenize_dataset", "pretrain_model", "export_model"):
+    for rule in (
+        "qc_dataset",
+        "summarize_expression",
+        "compute_gene_medians",
+        "build_vocabulary",
+        "tokenize_dataset",
+        "pretrain_model",
+        "export_model",
+    ):
         assert rule in result.stdout
     assert not (tmp_path / "results").exists()
 
 
 def test_dry_run_through_the_slurm_profile_needs_no_slurm():
-    result = subprocess.run([*SNAKEMAKE, "-n", "--profile", "profiles/slurm"], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [*SNAKEMAKE, "-n", "--profile", "profiles/slurm"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -56,21 +56,28 @@ class H5adCounts:
         self.path = Path(path)
         self.counts = counts
         if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
+            msg = "no such file"
+            raise self._error(msg)
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as err:
-            raise InputError(f"{self.path}: not a readable .h5ad (HDF5) file — is it truncated or corrupt? ({err})") from err
+            msg = f"not a readable .h5ad (HDF5) file — is it truncated or corrupt? ({err})"
+            raise self._error(msg) from err
         try:
             self._matrix, var_group = self._locate(counts)
             self.obs = _read_elem(self._file["obs"])
             self.var = _read_elem(var_group)
         except KeyError as err:
             self.close()
-            raise InputError(f"{self.path}: not a valid AnnData file (missing {err})") from err
+            msg = f"not a valid AnnData file (missing {err})"
+            raise self._error(msg) from err
         self.n_obs, self.n_vars = self._shape()
         self.gene_ids = self._gene_ids(gene_id_key)
         self._check_shape()
+
+    def _error(self, problem: str) -> InputError:
+        """An :class:`InputError` whose message starts with this file's path."""
+        return InputError(f"{self.path}: {problem}")
 
     # -- layout -------------------------------------------------------------------------------
     def _locate(self, counts: str) -> tuple[h5py.Group | h5py.Dataset, h5py.Group]:
@@ -82,9 +89,11 @@ class H5adCounts:
         elif counts.startswith("layers/"):
             node, var = f.get(counts), f["var"]
         else:
-            raise InputError(f"{self.path}: unknown count source {counts!r}; use {COUNT_SOURCES_HELP}")
+            msg = f"unknown count source {counts!r}; use {COUNT_SOURCES_HELP}"
+            raise self._error(msg)
         if node is None or var is None:
-            raise InputError(f"{self.path}: has no {counts!r} matrix; choose the raw counts with {COUNT_SOURCES_HELP}")
+            msg = f"has no {counts!r} matrix; choose the raw counts with {COUNT_SOURCES_HELP}"
+            raise self._error(msg)
         return node, var
 
     @property
@@ -102,7 +111,8 @@ class H5adCounts:
         else:
             shape = tuple(int(x) for x in self._matrix.attrs["shape"])
         if len(shape) != 2:
-            raise InputError(f"{self.path}: the {self.counts} matrix has shape {shape}, expected cells x genes")
+            msg = f"the {self.counts} matrix has shape {shape}, expected cells x genes"
+            raise self._error(msg)
         return int(shape[0]), int(shape[1])
 
     def _gene_ids(self, gene_id_key: str | None) -> np.ndarray:
@@ -111,33 +121,35 @@ class H5adCounts:
         elif gene_id_key in self.var.columns:
             ids = self.var[gene_id_key]
         else:
-            raise InputError(
-                f"{self.path}: var has no column {gene_id_key!r} with gene ids "
+            msg = (
+                f"var has no column {gene_id_key!r} with gene ids "
                 f"(columns: {list(self.var.columns)}); set the gene id column or use the var index"
             )
+            raise self._error(msg)
         return np.asarray(ids.astype(str), dtype=object)
 
     def _check_shape(self) -> None:
         if self.n_obs == 0 or self.n_vars == 0:
-            raise InputError(f"{self.path}: the count matrix is empty ({self.n_obs} cells x {self.n_vars} genes)")
+            msg = f"the count matrix is empty ({self.n_obs} cells x {self.n_vars} genes)"
+            raise self._error(msg)
         if len(self.obs) != self.n_obs or len(self.var) != self.n_vars:
-            raise InputError(
-                f"{self.path}: matrix is {self.n_obs} x {self.n_vars} but obs has {len(self.obs)} rows and var "
-                f"{len(self.var)}"
-            )
+            msg = f"matrix is {self.n_obs} x {self.n_vars} but obs has {len(self.obs)} rows and var {len(self.var)}"
+            raise self._error(msg)
         obs_look_like_genes = pd.Index(self.obs.index[:100]).str.match(r"^ENS[A-Z]*G\d{6,}").mean() > 0.5
         var_look_like_genes = pd.Index(self.gene_ids[:100]).str.match(r"^ENS[A-Z]*G\d{6,}").mean() > 0.5
         if obs_look_like_genes and not var_look_like_genes:
-            raise InputError(
-                f"{self.path}: obs names look like Ensembl gene ids — the matrix seems transposed (genes as rows); "
+            msg = (
+                "obs names look like Ensembl gene ids — the matrix seems transposed (genes as rows); "
                 "write it as cells x genes (adata.T)"
             )
+            raise self._error(msg)
 
     # -- reading ------------------------------------------------------------------------------
     def iter_chunks(self, chunk_size: int = 2048) -> Iterator[CountChunk]:
         """Yield validated float64 CSR row chunks of the count matrix, in order."""
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            msg = f"chunk_size must be >= 1, got {chunk_size}"
+            raise ValueError(msg)
         whole = None
         if self.encoding == "csc_matrix":
             log.warning("%s: counts are stored as CSC; loading the whole matrix (store CSR to stream)", self.path)
@@ -157,7 +169,8 @@ class H5adCounts:
         if isinstance(node, h5py.Dataset):
             return sp.csr_matrix(node[start:stop])
         if self.encoding != "csr_matrix":
-            raise InputError(f"{self.path}: unsupported matrix encoding {self.encoding!r} for {self.counts}")
+            msg = f"unsupported matrix encoding {self.encoding!r} for {self.counts}"
+            raise self._error(msg)
         indptr = node["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
         data = node["data"][lo:hi]
@@ -183,11 +196,12 @@ class H5adCounts:
         first = int(np.flatnonzero(bad)[0])
         row = int(np.searchsorted(matrix.indptr, first, side="right") - 1)
         cell = self.obs.index[start + row]
-        raise InputError(
-            f"{self.path}: {self.counts} holds {problem} (e.g. {data[first]:g} in cell {cell!r}); Geneformer "
-            "tokenization needs raw integer counts — this looks like normalised, log-transformed or scaled data. "
+        msg = (
+            f"{self.counts} holds {problem} (e.g. {data[first]:g} in cell {cell!r}); Geneformer tokenization "
+            "needs raw integer counts — this looks like normalised, log-transformed or scaled data. "
             f"Point the count source at the raw counts ({COUNT_SOURCES_HELP})"
         )
+        raise self._error(msg)
 
     def n_counts(self, chunk: CountChunk) -> np.ndarray:
         """Total counts per cell over ALL genes: ``obs["n_counts"]`` when present, else the row sums."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+
 def _numpy_scalar() -> Any:
     try:
         from numpy._core.multiarray import scalar

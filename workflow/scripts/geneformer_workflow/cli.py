@@ -1,12 +1,12 @@
 """The ``gfw`` command: every workflow step without Snakemake.
 
-    gfw qc IN.h5ad -o qc.tsv [--summary qc.json] [--plot qc.png]
-    gfw summarize IN.h5ad -o summary.npz [--cell-filter qc.tsv]
-    gfw medians IN.h5ad|SUMMARY.npz [...] -o gene_medians.tsv
-    gfw vocab gene_medians.tsv -o VOCAB_DIR [--preset v1|v2]
-    gfw tokenize IN.h5ad OUT.parquet --token-dictionary PATH --gene-medians PATH --preset v1|v2
-    gfw train [--config-name sanity] [hydra overrides ...]       (under torchrun for several processes)
-    gfw export CHECKPOINT OUT_DIR [--vocab-dir VOCAB_DIR]
+gfw qc IN.h5ad -o qc.tsv [--summary qc.json] [--plot qc.png]
+gfw summarize IN.h5ad -o summary.npz [--cell-filter qc.tsv]
+gfw medians IN.h5ad|SUMMARY.npz [...] -o gene_medians.tsv
+gfw vocab gene_medians.tsv -o VOCAB_DIR [--preset v1|v2]
+gfw tokenize IN.h5ad OUT.parquet --token-dictionary PATH --gene-medians PATH --preset v1|v2
+gfw train [--config-name sanity] [hydra overrides ...]       (under torchrun for several processes)
+gfw export CHECKPOINT OUT_DIR [--vocab-dir VOCAB_DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--counts", default="X", help="where the raw counts are: X, raw or layers/<name> (default X)")
     parser.add_argument("--gene-id-key", default=None, help="var column with the gene ids (default: the var index)")
     parser.add_argument(
-        "--gene-mapping", type=Path, default=None,
+        "--gene-mapping",
+        type=Path,
+        default=None,
         help="gene id -> Ensembl id mapping (JSON, two-column TSV/CSV, or Geneformer's ensembl_mapping_dict pickle)",
     )
     parser.add_argument("--chunk-size", type=int, default=2048, help="cells read per chunk (bounds memory)")
@@ -47,11 +49,27 @@ def _add_qc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="per-cell QC table (TSV)")
     p.add_argument("--summary", type=Path, help="JSON summary to write")
     p.add_argument("--plot", type=Path, help="QC figure to write (.png/.svg)")
-    p.add_argument("--min-counts", type=_optional(float), default=None, help="minimum total counts per cell (default: none)")
-    p.add_argument("--max-counts", type=_optional(float), default=None, help="maximum total counts per cell (default: none)")
-    p.add_argument("--min-genes", type=_optional(int), default=200, help="minimum detected genes per cell (default 200; none disables)")
-    p.add_argument("--max-genes", type=_optional(int), default=None, help="maximum detected genes per cell (default: none)")
-    p.add_argument("--max-pct-mito", type=_optional(float), default=20.0, help="maximum %% mitochondrial counts (default 20; none disables)")
+    p.add_argument(
+        "--min-counts", type=_optional(float), default=None, help="minimum total counts per cell (default: none)"
+    )
+    p.add_argument(
+        "--max-counts", type=_optional(float), default=None, help="maximum total counts per cell (default: none)"
+    )
+    p.add_argument(
+        "--min-genes",
+        type=_optional(int),
+        default=200,
+        help="minimum detected genes per cell (default 200; none disables)",
+    )
+    p.add_argument(
+        "--max-genes", type=_optional(int), default=None, help="maximum detected genes per cell (default: none)"
+    )
+    p.add_argument(
+        "--max-pct-mito",
+        type=_optional(float),
+        default=20.0,
+        help="maximum %% mitochondrial counts (default 20; none disables)",
+    )
     _add_input_options(p)
 
 
@@ -76,7 +94,9 @@ def _add_vocab(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="vocabulary directory")
     p.add_argument("--preset", choices=sorted(PRESETS), default="v1")
     p.add_argument(
-        "--token-dictionary", type=Path, default=None,
+        "--token-dictionary",
+        type=Path,
+        default=None,
         help="use this existing dictionary (ours or Geneformer's pickle) instead of building one from the medians",
     )
 
@@ -90,13 +110,17 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="v1")
     p.add_argument("--cell-filter", type=Path, help="QC table from `gfw qc`")
     p.add_argument("--obs-columns", default="", help="comma-separated obs columns to keep in the corpus")
-    p.add_argument("--validation-fraction", type=float, default=0.05, help="cells held out for validation (by id hash)")
+    p.add_argument(
+        "--validation-fraction", type=float, default=0.05, help="cells held out for validation (by id hash)"
+    )
     _add_input_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``gfw`` (train and export parse their own arguments)."""
-    parser = argparse.ArgumentParser(prog="gfw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gfw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_qc, _add_summarize, _add_medians, _add_vocab, _add_tokenize):
@@ -117,20 +141,40 @@ def _run(args: argparse.Namespace) -> None:
         from geneformer_workflow.qc import QCThresholds, run_qc
 
         thresholds = QCThresholds(args.min_counts, args.max_counts, args.min_genes, args.max_genes, args.max_pct_mito)
-        run_qc(args.h5ad, args.output, thresholds=thresholds, counts=args.counts, gene_id_key=args.gene_id_key,
-               summary_json=args.summary, plot=args.plot, chunk_size=args.chunk_size)
+        run_qc(
+            args.h5ad,
+            args.output,
+            thresholds=thresholds,
+            counts=args.counts,
+            gene_id_key=args.gene_id_key,
+            summary_json=args.summary,
+            plot=args.plot,
+            chunk_size=args.chunk_size,
+        )
     elif args.command == "summarize":
         from geneformer_workflow.medians import summarize_h5ad
 
-        summarize_h5ad(args.h5ad, counts=args.counts, gene_id_key=args.gene_id_key, gene_mapping=_mapping(args),
-                       cell_filter=args.cell_filter, chunk_size=args.chunk_size).save(args.output)
+        summarize_h5ad(
+            args.h5ad,
+            counts=args.counts,
+            gene_id_key=args.gene_id_key,
+            gene_mapping=_mapping(args),
+            cell_filter=args.cell_filter,
+            chunk_size=args.chunk_size,
+        ).save(args.output)
     elif args.command == "medians":
         from geneformer_workflow.medians import ExpressionSummary, merge_summaries, summarize_h5ad, write_medians_tsv
 
         summaries = [
-            ExpressionSummary.load(p) if p.suffix == ".npz" else summarize_h5ad(
-                p, counts=args.counts, gene_id_key=args.gene_id_key, gene_mapping=_mapping(args),
-                chunk_size=args.chunk_size)
+            ExpressionSummary.load(p)
+            if p.suffix == ".npz"
+            else summarize_h5ad(
+                p,
+                counts=args.counts,
+                gene_id_key=args.gene_id_key,
+                gene_mapping=_mapping(args),
+                chunk_size=args.chunk_size,
+            )
             for p in args.inputs
         ]
         table = merge_summaries(summaries).medians()
@@ -163,14 +207,18 @@ def _run_tokenize(args: argparse.Namespace) -> None:
     from geneformer_workflow.vocab import load_token_dictionary
 
     stats = tokenize_h5ad(
-        args.h5ad, args.output,
+        args.h5ad,
+        args.output,
         token_dictionary=load_token_dictionary(args.token_dictionary),
         gene_medians=read_medians(args.gene_medians),
         preset=get_preset(args.preset),
-        counts=args.counts, gene_id_key=args.gene_id_key, gene_mapping=_mapping(args),
+        counts=args.counts,
+        gene_id_key=args.gene_id_key,
+        gene_mapping=_mapping(args),
         cell_filter=args.cell_filter,
         obs_columns=[c for c in args.obs_columns.split(",") if c],
-        validation_fraction=args.validation_fraction, chunk_size=args.chunk_size,
+        validation_fraction=args.validation_fraction,
+        chunk_size=args.chunk_size,
     )
     log.info("%s: %d cells, %d tokens -> %s", args.h5ad, stats.n_cells, stats.n_tokens, args.output)
 

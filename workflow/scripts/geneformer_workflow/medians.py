@@ -138,8 +138,8 @@ def summarize_h5ad(
         genes = pd.Index(sorted(set(ids[pd.Index(ids).str.match(ENSEMBL_PATTERN)])))
         if genes.empty:
             msg = (
-                f"{reader.path}: none of the {reader.n_vars} gene ids is an Ensembl gene id (e.g. {ids[:3].tolist()}); "
-                "use the var column with Ensembl ids or pass a gene mapping for symbols"
+                f"{reader.path}: none of the {reader.n_vars} gene ids is an Ensembl gene id "
+                f"(e.g. {ids[:3].tolist()}); use the var column with Ensembl ids or pass a gene mapping for symbols"
             )
             raise InputError(msg)
         collapse = collapse_matrix(ids, genes)

@@ -45,9 +45,7 @@ def write_counts_h5ad(
     return path
 
 
-def synthetic_counts(
-    n_cells: int, n_genes: int, *, genes_per_cell: int = 200, seed: int = 0
-) -> sp.csr_matrix:
+def synthetic_counts(n_cells: int, n_genes: int, *, genes_per_cell: int = 200, seed: int = 0) -> sp.csr_matrix:
     """Seeded raw counts with realistic sparsity: about ``genes_per_cell`` detected genes per cell."""
     rng = np.random.default_rng(seed)
     detection = rng.beta(0.3, 3.0, n_genes)

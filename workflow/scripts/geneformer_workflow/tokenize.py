@@ -29,7 +29,7 @@ import scipy.sparse as sp
 from geneformer_workflow._atomic import atomic_path, write_json_atomic
 from geneformer_workflow._cells import cells_to_keep, load_cell_filter, require_some_cells
 from geneformer_workflow._genes import collapse_matrix, map_gene_ids, normalize_gene_ids, report_duplicates
-from geneformer_workflow._io import H5adCounts, InputError
+from geneformer_workflow._io import CountChunk, H5adCounts, InputError
 from geneformer_workflow.presets import CLS, EOS, Preset
 from geneformer_workflow.progress import Progress
 from geneformer_workflow.vocab import token_dictionary_sha256
@@ -159,76 +159,88 @@ def tokenize_h5ad(
         msg = f"preset {preset.name} needs <cls> and <eos> in the token dictionary (use a v2 vocabulary)"
         raise InputError(msg)
     out = CorpusPaths.beside(out_parquet)
-    stats = TokenizeStats()
     with H5adCounts(path, counts=counts, gene_id_key=gene_id_key) as reader:
         ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping))
         report_duplicates(reader.path, ids)
         ranker = GeneRanker(ids, token_dictionary, gene_medians)
-        stats.n_cells_input, stats.genes_in_file, stats.genes_matched = reader.n_obs, len(set(ids)), ranker.n_genes
+        stats = TokenizeStats(n_cells_input=reader.n_obs, genes_in_file=len(set(ids)), genes_matched=ranker.n_genes)
         if ranker.n_genes == 0:
             msg = (
-                f"{reader.path}: none of its {len(set(ids))} gene ids is in the vocabulary (e.g. {ids[:3].tolist()}); "
-                "are the gene ids Ensembl ids? Set the gene id column or pass a gene mapping"
+                f"{reader.path}: none of its {stats.genes_in_file} gene ids is in the vocabulary "
+                f"(e.g. {ids[:3].tolist()}); are the gene ids Ensembl ids? "
+                "Set the gene id column or pass a gene mapping"
             )
             raise InputError(msg)
-        log.info("%s: %d of %d genes are in the vocabulary", reader.path, ranker.n_genes, len(set(ids)))
+        log.info("%s: %d of %d genes are in the vocabulary", reader.path, ranker.n_genes, stats.genes_in_file)
         keep = cells_to_keep(reader, load_cell_filter(cell_filter, reader) if cell_filter else None)
         require_some_cells(reader, keep)
         stats.n_cells_filtered = int((~keep).sum())
-        obs_table = _obs_table(reader.obs, list(obs_columns or []), reader.path)
-        cell_ids = reader.obs.index.astype(str).to_numpy()
-        lengths = _write_parquet(reader, ranker, keep, obs_table, cell_ids, preset, token_dictionary,
-                                 validation_fraction, chunk_size, out.parquet, stats)
+        writer = _CorpusWriter(reader, ranker, keep, preset, token_dictionary, list(obs_columns or []))
+        lengths = writer.write(out.parquet, validation_fraction, chunk_size, stats)
     _write_sidecars(out, lengths, stats, preset, token_dictionary, path, validation_fraction)
     return stats
 
 
-def _write_parquet(
-    reader: H5adCounts,
-    ranker: GeneRanker,
-    keep: np.ndarray,
-    obs_table: pa.Table,
-    cell_ids: np.ndarray,
-    preset: Preset,
-    tokens: dict[str, int],
-    validation_fraction: float,
-    chunk_size: int,
-    target: Path,
-    stats: TokenizeStats,
-) -> np.ndarray:
-    schema = pa.schema(
-        [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_id", pa.string()), ("split", pa.string())]
-        + list(obs_table.schema)
-    )
-    all_lengths = []
-    progress = Progress(f"tokenize {reader.path.name}", reader.n_obs, unit="cells")
-    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for chunk in reader.iter_chunks(chunk_size):
-            n_counts = reader.n_counts(chunk)
-            rows = keep[chunk.start : chunk.stop] & (n_counts > 0)
-            ranked = ranker.rank(chunk.matrix[rows], n_counts[rows], preset.max_genes)
-            nonempty = np.array([len(r) > 0 for r in ranked], dtype=bool)
-            stats.n_cells_empty += int((~nonempty).sum()) + int((keep[chunk.start : chunk.stop] & ~(n_counts > 0)).sum())
-            index = chunk.start + np.flatnonzero(rows)[nonempty]
-            if index.size:
-                input_ids, lengths = _chunk_table([r for r, ok in zip(ranked, nonempty, strict=True) if ok], preset, tokens)
-                is_val = validation_mask(cell_ids[index], validation_fraction)
-                columns = [input_ids, pa.array(lengths), pa.array(cell_ids[index]),
-                           pa.array(np.where(is_val, "validation", "train"))]
-                columns += obs_table.take(pa.array(index)).columns
-                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
-                all_lengths.append(lengths)
-                stats.n_validation += int(is_val.sum())
-            progress.update(chunk.stop - chunk.start)
-        progress.close()
-        lengths = np.concatenate(all_lengths) if all_lengths else np.array([], dtype=np.int32)
-        if lengths.size == 0:
-            msg = f"{reader.path}: no cell has any vocabulary gene with a nonzero count; nothing to tokenize"
-            raise InputError(msg)
-    if stats.n_cells_empty:
-        log.warning("%s: dropped %d cells with no vocabulary gene expressed", reader.path, stats.n_cells_empty)
-    stats.n_cells, stats.n_tokens = int(lengths.size), int(lengths.sum())
-    return lengths
+class _CorpusWriter:
+    """Tokenizes one open file chunk by chunk into parquet row groups."""
+
+    def __init__(
+        self,
+        reader: H5adCounts,
+        ranker: GeneRanker,
+        keep: np.ndarray,
+        preset: Preset,
+        tokens: dict[str, int],
+        obs_columns: list[str],
+    ) -> None:
+        self.reader, self.ranker, self.keep, self.preset, self.tokens = reader, ranker, keep, preset, tokens
+        self.obs_table = _obs_table(reader.obs, obs_columns, reader.path)
+        self.cell_ids = reader.obs.index.astype(str).to_numpy()
+        fixed = [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_id", pa.string())]
+        self.schema = pa.schema([*fixed, ("split", pa.string()), *self.obs_table.schema])
+
+    def write(self, target: Path, validation_fraction: float, chunk_size: int, stats: TokenizeStats) -> np.ndarray:
+        """Write the corpus to ``target`` atomically; return the lengths of the written cells."""
+        all_lengths = []
+        progress = Progress(f"tokenize {self.reader.path.name}", self.reader.n_obs, unit="cells")
+        with atomic_path(target) as tmp:
+            with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+                for chunk in self.reader.iter_chunks(chunk_size):
+                    table = self._chunk(chunk, validation_fraction, stats)
+                    if table is not None:
+                        writer.write_table(table)
+                        all_lengths.append(table.column("length").to_numpy())
+                    progress.update(chunk.stop - chunk.start)
+            progress.close()
+            if not all_lengths:
+                msg = f"{self.reader.path}: no cell has any vocabulary gene with a nonzero count; nothing to tokenize"
+                raise InputError(msg)
+        lengths = np.concatenate(all_lengths).astype(np.int32)
+        if stats.n_cells_empty:
+            log.warning(
+                "%s: dropped %d cells with no vocabulary gene expressed", self.reader.path, stats.n_cells_empty
+            )
+        stats.n_cells, stats.n_tokens = int(lengths.size), int(lengths.sum())
+        return lengths
+
+    def _chunk(self, chunk: CountChunk, validation_fraction: float, stats: TokenizeStats) -> pa.Table | None:
+        n_counts = self.reader.n_counts(chunk)
+        wanted = self.keep[chunk.start : chunk.stop]
+        rows = wanted & (n_counts > 0)
+        ranked = self.ranker.rank(chunk.matrix[rows], n_counts[rows], self.preset.max_genes)
+        nonempty = np.array([len(r) > 0 for r in ranked], dtype=bool)
+        stats.n_cells_empty += int((~nonempty).sum()) + int((wanted & ~rows).sum())
+        index = chunk.start + np.flatnonzero(rows)[nonempty]
+        if not index.size:
+            return None
+        input_ids, lengths = _chunk_table(
+            [r for r, ok in zip(ranked, nonempty, strict=True) if ok], self.preset, self.tokens
+        )
+        is_val = validation_mask(self.cell_ids[index], validation_fraction)
+        stats.n_validation += int(is_val.sum())
+        split = pa.array(np.where(is_val, "validation", "train"))
+        columns = [input_ids, pa.array(lengths), pa.array(self.cell_ids[index]), split]
+        return pa.Table.from_arrays([*columns, *self.obs_table.take(pa.array(index)).columns], schema=self.schema)
 
 
 def _write_sidecars(
