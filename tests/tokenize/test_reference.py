@@ -8,10 +8,6 @@ must match except for the order inside groups of exactly equal values.
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import anndata as ad
@@ -20,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from geneformer_workflow.medians import read_medians
 from geneformer_workflow.presets import PRESETS
+from geneformer_workflow.testing import load_reference_tokenizer_module
 from geneformer_workflow.tokenize import tokenize_h5ad
 from geneformer_workflow.vocab import load_token_dictionary
 
@@ -30,7 +27,6 @@ OFFICIAL = {
     "v1": ("v1/token_dictionary_gc30M.pkl", "v1/gene_median_dictionary_gc30M.pkl"),
     "v2": ("v2/token_dictionary_gc104M.pkl", "v2/gene_median_dictionary_gc104M.pkl"),
 }
-HELICAL_MEMBER = "helical/models/geneformer/geneformer_tokenizer.py"
 
 pytestmark = pytest.mark.skipif(not DICTIONARIES.is_dir(), reason="Geneformer's dictionaries are not in ../shared")
 
@@ -80,23 +76,10 @@ def test_matches_design_reference_exactly(tmp_path, preset):
 def helical_tokenizer(pytestconfig):
     """Geneformer's TranscriptomeTokenizer as published in helical 2.2.0 (downloaded, not committed)."""
     pytest.importorskip("datasets")
-    cache = pytestconfig.cache.mkdir("helical-2.2.0")
-    source = cache / "geneformer_tokenizer.py"
-    if not source.exists():
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "helical==2.2.0", "-d", str(cache), "-q"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        wheels = list(cache.glob("helical-2.2.0-*.whl"))
-        if result.returncode or not wheels:
-            pytest.skip(f"cannot download helical 2.2.0 from PyPI: {result.stderr[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            source.write_bytes(wheel.read(HELICAL_MEMBER))
-    spec = importlib.util.spec_from_file_location("reference_geneformer_tokenizer", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        module = load_reference_tokenizer_module(pytestconfig.cache.mkdir("helical-2.2.0"))
+    except RuntimeError as err:
+        pytest.skip(str(err))
     return module.TranscriptomeTokenizer
 
 

@@ -159,7 +159,6 @@ class H5adCounts:
             matrix = whole[start:stop] if whole is not None else self._read_rows(start, stop)
             matrix = sp.csr_matrix(matrix, dtype=np.float64)
             matrix.sum_duplicates()
-            matrix.sort_indices()
             self._validate_counts(matrix, start)
             matrix.eliminate_zeros()
             yield CountChunk(start, stop, matrix)
@@ -183,6 +182,8 @@ class H5adCounts:
 
     def _validate_counts(self, matrix: sp.csr_matrix, start: int) -> None:
         data = matrix.data
+        if not data.size or (data.min() >= 0 and np.isfinite(data.max()) and np.array_equal(np.floor(data), data)):
+            return
         bad = ~np.isfinite(data)
         problem = "NaN or infinite counts"
         if not bad.any():
@@ -191,8 +192,6 @@ class H5adCounts:
         if not bad.any():
             bad = data != np.floor(data)
             problem = "non-integer counts"
-        if not bad.any():
-            return
         first = int(np.flatnonzero(bad)[0])
         row = int(np.searchsorted(matrix.indptr, first, side="right") - 1)
         cell = self.obs.index[start + row]

