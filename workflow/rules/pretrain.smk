@@ -14,6 +14,8 @@ rule pretrain_model:
     benchmark:
         "benchmarks/pretrain_model/{model}.tsv"
     params:
+        python=PYTHON,
+        scripts=SCRIPTS_DIR,
         run_dir=subpath(output.final, parent=True),
         config_dir=TRAIN_CONFIG_DIR,
         nproc=lookup(dpath="pretrain/nproc_per_node", within=config),
@@ -28,8 +30,8 @@ rule pretrain_model:
     conda:
         "../../envs/pretrain.yaml"
     shell:
-        "PYTHONPATH={SCRIPTS_DIR}${{PYTHONPATH:+:$PYTHONPATH}} OMP_NUM_THREADS=1 "
-        "{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {params.nproc} "
+        "PYTHONPATH={params.scripts}${{PYTHONPATH:+:$PYTHONPATH}} OMP_NUM_THREADS=1 "
+        "{params.python} -m torch.distributed.run --standalone --nproc_per_node {params.nproc} "
         "-m geneformer_workflow train --config-dir {params.config_dir} --config-name {wildcards.model} "
         "'data.corpus=[{params.corpus}]' data.vocab_dir={input.vocab} data.max_length={params.max_length} "
         "run_dir={params.run_dir} {params.overrides} > {log} 2>&1"
@@ -45,6 +47,7 @@ rule export_model:
     log:
         "logs/export_model/{model}.log",
     params:
+        gfw=GFW,
         run_dir=subpath(input.final, parent=True),
     threads: 1
     resources:
@@ -53,4 +56,4 @@ rule export_model:
     conda:
         "../../envs/pretrain.yaml"
     shell:
-        "{GFW} export {params.run_dir} {output.model_dir} --vocab-dir {input.vocab} > {log} 2>&1"
+        "{params.gfw} export {params.run_dir} {output.model_dir} --vocab-dir {input.vocab} > {log} 2>&1"

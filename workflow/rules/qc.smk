@@ -14,6 +14,7 @@ rule qc_dataset:
     log:
         "logs/qc_dataset/{dataset}.log",
     params:
+        gfw=GFW,
         options=input_options(),
         thresholds=qc_options(),
     threads: 1
@@ -23,5 +24,5 @@ rule qc_dataset:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{GFW} qc {input.h5ad} -o {output.cells} --summary {output.summary} --plot {output.plot} "
+        "{params.gfw} qc {input.h5ad} -o {output.cells} --summary {output.summary} --plot {output.plot} "
         "{params.options} {params.thresholds} > {log} 2>&1"

@@ -8,6 +8,7 @@ rule summarize_expression:
     log:
         "logs/summarize_expression/{dataset}.log",
     params:
+        gfw=GFW,
         options=input_options(),
     threads: 1
     resources:
@@ -16,7 +17,7 @@ rule summarize_expression:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{GFW} summarize {input.h5ad} -o {output.summary} --cell-filter {input.cells} {params.options} > {log} 2>&1"
+        "{params.gfw} summarize {input.h5ad} -o {output.summary} --cell-filter {input.cells} {params.options} > {log} 2>&1"
 
 
 rule compute_gene_medians:
@@ -27,6 +28,8 @@ rule compute_gene_medians:
         medians="results/reference/gene_medians.tsv",
     log:
         "logs/compute_gene_medians/all.log",
+    params:
+        gfw=GFW,
     threads: 1
     resources:
         mem_mb=8000,
@@ -34,7 +37,7 @@ rule compute_gene_medians:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{GFW} medians {input.summaries} -o {output.medians} > {log} 2>&1"
+        "{params.gfw} medians {input.summaries} -o {output.medians} > {log} 2>&1"
 
 
 rule build_vocabulary:
@@ -46,6 +49,7 @@ rule build_vocabulary:
     log:
         "logs/build_vocabulary/all.log",
     params:
+        gfw=GFW,
         preset=lookup(dpath="tokenize/preset", within=config),
         existing=existing_dictionary_option(),
     threads: 1
@@ -55,4 +59,4 @@ rule build_vocabulary:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{GFW} vocab {input.medians} -o {output.vocab} --preset {params.preset} {params.existing} > {log} 2>&1"
+        "{params.gfw} vocab {input.medians} -o {output.vocab} --preset {params.preset} {params.existing} > {log} 2>&1"

@@ -15,6 +15,7 @@ rule tokenize_dataset:
     benchmark:
         "benchmarks/tokenize_dataset/{dataset}.tsv"
     params:
+        gfw=GFW,
         options=input_options(),
         preset=lookup(dpath="tokenize/preset", within=config),
         obs_columns=",".join(config["tokenize"]["obs_columns"]),
@@ -26,7 +27,7 @@ rule tokenize_dataset:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{GFW} tokenize {input.h5ad} {output.parquet} --token-dictionary {input.vocab} "
+        "{params.gfw} tokenize {input.h5ad} {output.parquet} --token-dictionary {input.vocab} "
         "--gene-medians {input.medians} --preset {params.preset} --cell-filter {input.cells} "
         "--obs-columns '{params.obs_columns}' --validation-fraction {params.validation_fraction} "
         "{params.options} > {log} 2>&1"
