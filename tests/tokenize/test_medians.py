@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -86,3 +88,22 @@ def test_empty_summary_merges_to_identity(tmp_path):
     summary = summarize_h5ad(write_counts_h5ad(tmp_path / "in.h5ad", COUNTS, GENES))
     merged = ExpressionSummary.empty().merge(summary)
     assert sp.csr_matrix(merged.histogram != summary.histogram).nnz == 0
+
+
+def test_demo_medians_within_one_percent_of_exact_whatever_the_file_split(tmp_path):
+    import anndata as ad
+
+    demo = Path(__file__).resolve().parents[2] / "resources/demo/pbmc_5k_protein_v3.h5ad"
+    adata = ad.read_h5ad(demo)
+    counts, n_counts = adata.X.toarray().astype(np.float64), adata.obs["n_counts"].to_numpy(np.float64)
+    exact = exact_nonzero_medians(counts, list(adata.var_names), n_counts)
+    whole = summarize_h5ad(demo).medians().set_index("ensembl_id")["median"]
+    assert set(whole.index) == set(exact.index)
+    assert ((whole[exact.index] / exact - 1).abs() < 0.01).all()
+    halves = [adata[:120].copy(), adata[120:].copy()]
+    paths = []
+    for i, part in enumerate(halves):
+        part.write_h5ad(tmp_path / f"part{i}.h5ad")
+        paths.append(tmp_path / f"part{i}.h5ad")
+    split = merge_summaries([summarize_h5ad(p) for p in paths[::-1]]).medians().set_index("ensembl_id")["median"]
+    pd.testing.assert_series_equal(split, whole)

@@ -37,16 +37,24 @@ def random_entries(rng, n_rows, n_genes, per_row, tie_values):
 @pytest.mark.parametrize("n_genes", [7, 25_426, 60_000])
 def test_matches_a_stable_per_row_argsort(ties, n_genes):
     rng = np.random.default_rng(n_genes)
-    tie_values = {"none": None, "exact": np.array([1.0, 2.0, 3.5]),
-                  "near": np.array([1.0, np.nextafter(1.0, 2.0), 1.0 + 1e-9, 2.0])}[ties]
+    tie_values = {
+        "none": None,
+        "exact": np.array([1.0, 2.0, 3.5]),
+        "near": np.array([1.0, np.nextafter(1.0, 2.0), 1.0 + 1e-9, 2.0]),
+    }[ties]
     row, gene, value = random_entries(rng, 300, n_genes, 40, tie_values)
     assert np.array_equal(rank_entries(row, gene, value, 300, n_genes), naive(row, gene, value, 300))
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    st.lists(st.lists(st.tuples(st.integers(0, 49), st.sampled_from([0.5, 1.0, 1.0000000001, 3.0, 1e-3, 7e3])),
-                      max_size=20), min_size=1, max_size=8)
+    st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 49), st.sampled_from([0.5, 1.0, 1.0000000001, 3.0, 1e-3, 7e3])), max_size=20
+        ),
+        min_size=1,
+        max_size=8,
+    )
 )
 def test_property_equal_to_naive_on_arbitrary_cells(cells):
     rows, genes, values = [], [], []

@@ -39,7 +39,8 @@ def write_counts_h5ad(
     obs.index = pd.Index(cells)
     var = var.copy() if var is not None else pd.DataFrame(index=gene_ids)
     var.index = pd.Index(gene_ids)
-    log_norm = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4).astype(np.float32)
+    positive = np.nan_to_num(np.clip(counts, 0, None))
+    log_norm = np.log1p(positive / np.maximum(positive.sum(1, keepdims=True), 1) * 1e4).astype(np.float32)
     adata = ad.AnnData(X=convert(counts if where == "X" else log_norm), obs=obs, var=var)
     if where == "raw":
         adata.raw = ad.AnnData(X=convert(counts), obs=obs, var=var)

@@ -1,0 +1,88 @@
+"""Bad inputs through the real `gfw` command: one-line error naming the file, exit code 2, no output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from geneformer_workflow.testing import write_counts_h5ad
+
+from .cases import COUNTS, GENES
+
+
+def gfw(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "geneformer_workflow", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _bad_file(tmp_path, case):
+    path = tmp_path / "in.h5ad"
+    if case == "not-h5ad":
+        path.write_text("cell,gene\n1,2\n")
+    elif case == "truncated":
+        write_counts_h5ad(path, COUNTS, GENES)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif case == "log-normalised":
+        write_counts_h5ad(path, np.log1p(COUNTS), GENES)
+    elif case == "negative":
+        write_counts_h5ad(path, COUNTS - 2, GENES, matrix_format="dense")
+    elif case == "nan":
+        write_counts_h5ad(path, np.where(COUNTS > 3, np.nan, COUNTS), GENES, matrix_format="dense")
+    elif case == "transposed":
+        write_counts_h5ad(path, COUNTS.T, ["c0", "c1", "c2"], cell_ids=GENES)
+    elif case == "symbols":
+        write_counts_h5ad(path, COUNTS, ["CD3E", "CD4", "MS4A1", "LYZ"])
+    elif case == "all-filtered":
+        write_counts_h5ad(path, COUNTS, GENES, obs=pd.DataFrame({"filter_pass": [0, 0, 0]}))
+    return path
+
+
+CASES = {
+    "not-h5ad": "not a readable .h5ad",
+    "truncated": "not a readable .h5ad",
+    "log-normalised": "non-integer counts",
+    "negative": "negative counts",
+    "nan": "NaN or infinite counts",
+    "transposed": "transposed",
+    "symbols": "gene ids is in the vocabulary",
+    "all-filtered": "all 3 cells are filtered out",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tokenize_refuses_bad_input_cleanly(tmp_path, medians_tsv, case):
+    h5ad = _bad_file(tmp_path, case)
+    vocab = tmp_path / "vocab"
+    assert gfw("vocab", medians_tsv, "-o", vocab, cwd=tmp_path).returncode == 0
+    out = tmp_path / "out" / "corpus.parquet"
+    result = gfw("tokenize", h5ad, out, "--token-dictionary", vocab, "--gene-medians", medians_tsv, cwd=tmp_path)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("gfw tokenize: error:")
+    assert str(h5ad) in error and CASES[case] in error
+    out_dir = tmp_path / "out"
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_missing_gene_id_column_is_named(tmp_path, medians_tsv):
+    h5ad = write_counts_h5ad(tmp_path / "in.h5ad", COUNTS, GENES)
+    result = gfw("medians", h5ad, "-o", tmp_path / "m.tsv", "--gene-id-key", "ensembl", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "var has no column 'ensembl'" in result.stderr
+    assert not (tmp_path / "m.tsv").exists()
+
+
+def test_wrong_count_source_is_named(tmp_path):
+    h5ad = write_counts_h5ad(tmp_path / "in.h5ad", COUNTS, GENES)
+    result = gfw("qc", h5ad, "-o", tmp_path / "qc.tsv", "--counts", "layers/counts", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "has no 'layers/counts' matrix" in result.stderr
+    assert not (tmp_path / "qc.tsv").exists()
