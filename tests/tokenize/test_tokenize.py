@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -168,3 +169,15 @@ def test_gene_symbols_map_through_a_mapping(tmp_path):
     mapping = dict(zip(symbols, GENES, strict=True))
     rows, tokens, _ = _tokenize(tmp_path, h5ad, gene_mapping=mapping)
     assert [r["input_ids"] for r in rows] == _expected_ids(tokens, "v1")
+
+
+def test_shipped_grch38_table_maps_the_demo_symbols_back_to_its_ensembl_ids():
+    import anndata as ad
+
+    from geneformer_workflow._genes import load_gene_mapping, map_gene_ids
+
+    demo = ad.read_h5ad(Path(__file__).resolve().parents[2] / "resources/demo/pbmc_5k_protein_v3.h5ad", backed="r")
+    symbols = demo.var["gene_symbol"].astype(str).to_numpy(dtype=object)
+    mapped = map_gene_ids(symbols, load_gene_mapping("GRCh38"))
+    agree = (mapped == demo.var_names.to_numpy()).mean()
+    assert agree > 0.99, agree

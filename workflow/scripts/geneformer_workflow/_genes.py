@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,20 @@ def normalize_gene_ids(ids: np.ndarray, *, strip_version: bool = True) -> np.nda
     return cleaned.to_numpy(dtype=object)
 
 
+BUILTIN_MAPPINGS = {"grch38": "symbol_to_ensembl_grch38_e93.tsv.gz"}
+
+
 def load_gene_mapping(path: str | Path) -> dict[str, str]:
-    """Read a gene id → Ensembl id mapping: JSON object, two-column TSV/CSV, or Geneformer's pickle."""
+    """Read a gene id → Ensembl id mapping.
+
+    ``path`` is a JSON object, a two-column TSV/CSV, Geneformer's pickled ``ensembl_mapping_dict``, or
+    ``GRCh38`` for the shipped table of human symbols (GRCh38, Ensembl 93, HGNC previous/alias symbols).
+    """
+    if str(path).lower() in BUILTIN_MAPPINGS:
+        table = resources.files("geneformer_workflow.data") / BUILTIN_MAPPINGS[str(path).lower()]
+        with table.open("rb") as fh:
+            frame = pd.read_csv(fh, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
+        return dict(zip(frame["symbol"], frame["ensembl_id"], strict=True))
     path = Path(path)
     if path.suffix in (".pkl", ".pickle"):
         mapping = load_plain_pickle(path)
@@ -41,7 +54,7 @@ def load_gene_mapping(path: str | Path) -> dict[str, str]:
         mapping = json.loads(path.read_text())
     else:
         sep = "," if path.suffix == ".csv" else "\t"
-        table = pd.read_csv(path, sep=sep, dtype=str, comment="#")
+        table = pd.read_csv(path, sep=sep, dtype=str, comment="#", keep_default_na=False)
         if table.shape[1] < 2:
             msg = f"{path}: a gene mapping table needs two columns (gene id, Ensembl id)"
             raise ValueError(msg)
@@ -49,12 +62,16 @@ def load_gene_mapping(path: str | Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in mapping.items()}
 
 
-def map_gene_ids(ids: np.ndarray, mapping: dict[str, str] | None) -> np.ndarray:
+def map_gene_ids(ids: np.ndarray, mapping: dict[str, str] | None, *, source: str | Path = "") -> np.ndarray:
     """Map ids through ``mapping`` (exact, then upper-cased); ids without an entry are kept as they are."""
     if not mapping:
         return ids
     upper = {k.upper(): v for k, v in mapping.items()}
-    return np.array([mapping.get(g, upper.get(g.upper(), g)) for g in ids], dtype=object)
+    mapped = np.array([mapping.get(g, upper.get(g.upper(), g)) for g in ids], dtype=object)
+    changed = int((mapped != ids).sum())
+    already = int(pd.Index(ids).str.match(r"^ENS[A-Z]*G\d{6,}").sum())
+    log.info("%s: mapped %d of %d gene ids to Ensembl ids (%d already were)", source, changed, len(ids), already)
+    return mapped
 
 
 def collapse_matrix(file_gene_ids: np.ndarray, targets: pd.Index) -> sp.csr_matrix:

@@ -28,7 +28,8 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
         "--gene-mapping",
         type=Path,
         default=None,
-        help="gene id -> Ensembl id mapping (JSON, two-column TSV/CSV, or Geneformer's ensembl_mapping_dict pickle)",
+        help="gene id -> Ensembl id mapping: JSON, two-column TSV/CSV, Geneformer's ensembl_mapping_dict pickle, "
+        "or GRCh38 for the shipped human symbol table (Ensembl 93)",
     )
     parser.add_argument("--chunk-size", type=int, default=2048, help="cells read per chunk (bounds memory)")
 

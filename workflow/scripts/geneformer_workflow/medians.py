@@ -133,7 +133,7 @@ def summarize_h5ad(
 ) -> ExpressionSummary:
     """Summarise one file's normalised nonzero expression per Ensembl gene, streaming row chunks."""
     with H5adCounts(path, counts=counts, gene_id_key=gene_id_key) as reader:
-        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping))
+        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping, source=reader.path))
         report_duplicates(reader.path, ids)
         genes = pd.Index(sorted(set(ids[pd.Index(ids).str.match(ENSEMBL_PATTERN)])))
         if genes.empty:

@@ -198,7 +198,7 @@ def tokenize_h5ad(
         raise InputError(msg)
     out = CorpusPaths.beside(out_parquet)
     with H5adCounts(path, counts=counts, gene_id_key=gene_id_key) as reader:
-        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping))
+        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping, source=reader.path))
         report_duplicates(reader.path, ids)
         ranker = GeneRanker(ids, token_dictionary, gene_medians)
         stats = TokenizeStats(n_cells_input=reader.n_obs, genes_in_file=len(set(ids)), genes_matched=ranker.n_genes)
