@@ -173,7 +173,6 @@ def test_gene_symbols_map_through_a_mapping(tmp_path):
 
 def test_shipped_grch38_table_maps_the_demo_symbols_back_to_its_ensembl_ids():
     import anndata as ad
-
     from geneformer_workflow._genes import load_gene_mapping, map_gene_ids
 
     demo = ad.read_h5ad(Path(__file__).resolve().parents[2] / "resources/demo/pbmc_5k_protein_v3.h5ad", backed="r")
