@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,8 @@ class TokenizeStats:
     n_tokens: int = 0
     genes_in_file: int = 0
     genes_matched: int = 0
-    extra: dict = field(default_factory=dict)
+    counts_total: float = 0.0
+    counts_in_vocabulary: float = 0.0
 
 
 class GeneRanker:
@@ -265,7 +266,10 @@ class _CorpusWriter:
         n_counts = self.reader.n_counts(chunk)
         wanted = self.keep[chunk.start : chunk.stop]
         rows = wanted & (n_counts > 0)
-        tokens, lengths = self.ranker.rank(chunk.matrix[rows], n_counts[rows], self.preset.max_genes)
+        counts = chunk.matrix[rows]
+        stats.counts_total += float(counts.data.sum())
+        stats.counts_in_vocabulary += float(counts.data[self.ranker.column_gene[counts.indices] >= 0].sum())
+        tokens, lengths = self.ranker.rank(counts, n_counts[rows], self.preset.max_genes)
         nonempty = lengths > 0
         stats.n_cells_empty += int((~nonempty).sum()) + int((wanted & ~rows).sum())
         index = chunk.start + np.flatnonzero(rows)[nonempty]
@@ -306,7 +310,8 @@ def _write_sidecars(
         "vocab_size": len(tokens),
         "token_dictionary_sha256": token_dictionary_sha256(tokens),
         "validation_fraction": validation_fraction,
-        **{k: v for k, v in asdict(stats).items() if k != "extra"},
+        **asdict(stats),
         "mean_length": float(lengths.mean()),
+        "count_fraction_in_vocabulary": stats.counts_in_vocabulary / max(stats.counts_total, 1.0),
     }
     write_json_atomic(out.manifest, manifest)
