@@ -1,6 +1,6 @@
 """Write a seeded synthetic raw-count .h5ad for benchmarks (realistic depth and per-gene detection).
 
-    python benchmarks/make_synthetic.py OUT.h5ad --cells 20000 --genes 20000 --genes-per-cell 2000
+python benchmarks/make_synthetic.py OUT.h5ad --cells 20000 --genes 20000 --genes-per-cell 2000
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
-from geneformer_workflow.vocab import load_token_dictionary  # noqa: E402
+from geneformer_workflow.vocab import load_token_dictionary
 
 
 def gene_ids(n_genes: int, dictionary: Path | None, seed: int) -> list[str]:
@@ -28,8 +28,15 @@ def gene_ids(n_genes: int, dictionary: Path | None, seed: int) -> list[str]:
     return sorted(rng.choice(genes, size=min(n_genes, len(genes)), replace=False).tolist())
 
 
-def write_synthetic(out: Path, n_cells: int, n_genes: int, genes_per_cell: int, dictionary: Path | None,
-                    seed: int = 0, block: int = 5000) -> None:
+def write_synthetic(
+    out: Path,
+    n_cells: int,
+    n_genes: int,
+    genes_per_cell: int,
+    dictionary: Path | None,
+    seed: int = 0,
+    block: int = 5000,
+) -> None:
     """Counts: per-gene detection rates ~ Beta, counts 1 + NegBin, about ``genes_per_cell`` genes per cell."""
     rng = np.random.default_rng(seed)
     detection = rng.beta(0.4, 2.0, n_genes)

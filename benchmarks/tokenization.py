@@ -39,7 +39,8 @@ loop = time.perf_counter()
 stats = tokenize_h5ad(h5ad, out, token_dictionary=load_token_dictionary(tokens), gene_medians=read_medians(medians),
                       preset=PRESETS["v1"])
 end = time.perf_counter()
-print(json.dumps({"cells": stats.n_cells, "loop_s": end - loop, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"cells": stats.n_cells, "loop_s": end - loop, "rss_mb": rss_mb}))
 """
 
 REFERENCE = """
@@ -97,16 +98,20 @@ def main() -> None:
     medians = args.dictionaries / "v1" / "gene_median_dictionary_gc30M.pkl"
     work = args.workdir
     small = ensure_file(work / "small" / f"synthetic_{args.cells}.h5ad", args.cells, args.genes, tokens)
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
-          f"file {small.stat().st_size / 1e6:.0f} MB")
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+        f"file {small.stat().st_size / 1e6:.0f} MB"
+    )
     rows = []
     ours, wall = run(OURS, str(small), str(work / "ours.parquet"), str(tokens), str(medians))
     rows.append(("ours", args.cells, wall, ours["cells"] / ours["loop_s"], ours["rss_mb"]))
     if not args.skip_reference:
-        whole, ref_wall = run(REFERENCE, str(small), str(work / "ref_out"), str(tokens), str(medians),
-                              str(work / "helical"), "whole")
-        loop, _ = run(REFERENCE, str(small), str(work / "ref_out"), str(tokens), str(medians),
-                      str(work / "helical"), "loop")
+        whole, ref_wall = run(
+            REFERENCE, str(small), str(work / "ref_out"), str(tokens), str(medians), str(work / "helical"), "whole"
+        )
+        loop, _ = run(
+            REFERENCE, str(small), str(work / "ref_out"), str(tokens), str(medians), str(work / "helical"), "loop"
+        )
         rows.append(("reference", args.cells, ref_wall, loop["cells"] / loop["loop_s"], whole["rss_mb"]))
     if args.big_cells:
         big = ensure_file(work / "big" / f"synthetic_{args.big_cells}.h5ad", args.big_cells, args.genes, tokens)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from geneformer_workflow._io import InputError
@@ -180,3 +181,27 @@ def test_shipped_grch38_table_maps_the_demo_symbols_back_to_its_ensembl_ids():
     mapped = map_gene_ids(symbols, load_gene_mapping("GRCh38"))
     agree = (mapped == demo.var_names.to_numpy()).mean()
     assert agree > 0.99, agree
+
+
+def test_row_range_shards_concatenate_to_the_whole_file(tmp_path):
+    from geneformer_workflow.testing import synthetic_counts
+
+    counts = synthetic_counts(250, 60, genes_per_cell=20, seed=3).toarray()
+    genes = [f"ENSG{i:011d}" for i in range(60)]
+    obs = pd.DataFrame({"filter_pass": (np.arange(250) % 7 != 0).astype(int)})
+    h5ad = write_counts_h5ad(tmp_path / "in.h5ad", counts, genes, obs=obs)
+    tokens = build_token_dictionary(genes, PRESETS["v2"])
+    medians = pd.Series(np.linspace(0.5, 3, 60), index=genes)
+    kwargs = {"token_dictionary": tokens, "gene_medians": medians, "preset": PRESETS["v2"], "chunk_size": 32}
+    tokenize_h5ad(h5ad, tmp_path / "whole.parquet", **kwargs)
+    parts = [
+        tokenize_h5ad(h5ad, tmp_path / f"s{i}.parquet", rows=(lo, hi), **kwargs)
+        for i, (lo, hi) in enumerate([(0, 100), (100, 101), (101, 250)])
+    ]
+    whole = pq.read_table(tmp_path / "whole.parquet")
+    joined = pa.concat_tables([pq.read_table(tmp_path / f"s{i}.parquet") for i in range(3)])
+    assert joined.equals(whole)
+    assert sum(p.n_cells for p in parts) == whole.num_rows
+    assert [p.n_cells_input for p in parts] == [100, 1, 149]
+    with pytest.raises(InputError, match="outside the file's 250 cells"):
+        tokenize_h5ad(h5ad, tmp_path / "bad.parquet", rows=(200, 300), **kwargs)

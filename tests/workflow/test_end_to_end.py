@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,23 +15,27 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The whole workflow on the demo data (2-process FSDP2 pretraining, shortened to 6 steps)."""
+    """The whole workflow on the demo data (2 tokenization shards, 2-process FSDP2 pretraining of 6 steps)."""
     workdir = tmp_path_factory.mktemp("demo")
     overrides = ["training.max_steps=6", "checkpoint.save_every=3", "logging.log_every=2", "logging.eval_every=3"]
-    write_config(workdir, pretrain={"nproc_per_node": 2, "overrides": overrides})
+    write_config(workdir, tokenize={"shard_cells": 120}, pretrain={"nproc_per_node": 2, "overrides": overrides})
     result = run_snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     return workdir
 
 
 def test_corpus_has_every_kept_cell_with_valid_tokens(demo_run):
-    corpus = pq.read_table(demo_run / "results/tokenized/pbmc_5k_protein_v3.parquet")
-    manifest = json.loads((demo_run / "results/tokenized/pbmc_5k_protein_v3.manifest.json").read_text())
+    shards = sorted((demo_run / "results/tokenized/pbmc_5k_protein_v3").glob("shard-*.parquet"))
+    assert [p.name for p in shards] == ["shard-0000.parquet", "shard-0001.parquet"]
+    corpus = pa.concat_tables([pq.read_table(p) for p in shards])
+    manifests = [json.loads(p.with_suffix("").with_suffix(".manifest.json").read_text()) for p in shards]
     vocab = json.loads((demo_run / "results/reference/vocab/token_dictionary.json").read_text())
     qc = (demo_run / "results/qc/pbmc_5k_protein_v3/cells.tsv").read_text().splitlines()
-    assert corpus.num_rows == manifest["n_cells"] == len(qc) - 1 - manifest["n_cells_filtered"]
+    assert corpus.num_rows == sum(m["n_cells"] for m in manifests)
+    assert corpus.num_rows == len(qc) - 1 - sum(m["n_cells_filtered"] for m in manifests)
     lengths = corpus.column("length").to_numpy()
-    assert np.array_equal(lengths, np.load(demo_run / "results/tokenized/pbmc_5k_protein_v3.lengths.npy"))
+    saved = np.concatenate([np.load(p.with_suffix("").with_suffix(".lengths.npy")) for p in shards])
+    assert np.array_equal(lengths, saved)
     for ids, length in zip(corpus.column("input_ids").to_pylist()[:20], lengths[:20], strict=True):
         assert len(ids) == length <= 2048
         assert len(set(ids)) == len(ids)
@@ -48,7 +53,8 @@ def test_pretraining_checkpoints_and_exports_a_loadable_model(demo_run):
     export = demo_run / "results/export/sanity"
     model = BertForMaskedLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
-    ids = pq.read_table(demo_run / "results/tokenized/pbmc_5k_protein_v3.parquet").column("input_ids")[0].as_py()
+    shard = demo_run / "results/tokenized/pbmc_5k_protein_v3/shard-0000.parquet"
+    ids = pq.read_table(shard).column("input_ids")[0].as_py()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids[:64]])).logits
     assert logits.shape == (1, 64, len(tokenizer))

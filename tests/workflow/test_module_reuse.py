@@ -33,13 +33,14 @@ use rule {TOKENIZATION_RULES} from geneformer as gf_*
 
 rule all:
     input:
-        "results/tokenized/pbmc_5k_protein_v3.parquet",
+        "results/tokenized/pbmc_5k_protein_v3/shard-0000.parquet",
 """
     )
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    manifest = json.loads((tmp_path / "results/tokenized/pbmc_5k_protein_v3.manifest.json").read_text())
+    manifest = json.loads((tmp_path / "results/tokenized/pbmc_5k_protein_v3/shard-0000.manifest.json").read_text())
     assert manifest["preset"] == "v2"
     assert manifest["n_cells"] > 0
     assert not (tmp_path / "results/pretrain").exists()

@@ -54,10 +54,50 @@ EXPORT_DIR = f"results/export/{MODEL}"
 wildcard_constraints:
     dataset="|".join(map(re.escape, DATASETS)) if DATASETS else "NONE",
     model=re.escape(MODEL),
+    shard=r"\d{4}",
 
 
 def get_h5ad(wildcards):
     return DATASETS[wildcards.dataset]
+
+
+def count_cells(path):
+    """Cells of an input file (from its header); None when h5py is not importable here."""
+    try:
+        sys.path.insert(0, str(SCRIPTS_DIR))
+        from geneformer_workflow._io import count_cells as read_count
+    except ImportError:
+        return None
+    return read_count(path, config["counts"])
+
+
+def plan_shards(datasets, shard_cells):
+    """Row ranges (start, stop) per dataset: large files are tokenized as parallel shards."""
+    plan = {}
+    for name, path in datasets.items():
+        n = count_cells(path)
+        if n is None:
+            plan[name] = [(0, None)]
+        else:
+            plan[name] = [(lo, min(lo + shard_cells, n)) for lo in range(0, max(n, 1), shard_cells)]
+    return plan
+
+
+SHARDS = plan_shards(DATASETS, config["tokenize"]["shard_cells"])
+
+
+def get_shard_rows(wildcards):
+    start, stop = SHARDS[wildcards.dataset][int(wildcards.shard)]
+    return "" if stop is None else f"--rows {start}:{stop}"
+
+
+def get_corpus_shards(wildcards=None):
+    """Every corpus shard of every dataset."""
+    return [
+        f"results/tokenized/{name}/shard-{i:04d}.parquet"
+        for name, shards in SHARDS.items()
+        for i in range(len(shards))
+    ]
 
 
 def input_options():

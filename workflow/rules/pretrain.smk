@@ -5,7 +5,7 @@ rule pretrain_model:
     next run resumes from the latest one.
     """
     input:
-        corpus=expand(rules.tokenize_dataset.output.parquet, dataset=DATASETS),
+        corpus=get_corpus_shards(),
         vocab=rules.build_vocabulary.output.vocab,
     output:
         final="results/pretrain/{model}/final.json",

@@ -145,8 +145,8 @@ class H5adCounts:
             raise self._error(msg)
 
     # -- reading ------------------------------------------------------------------------------
-    def iter_chunks(self, chunk_size: int = 2048) -> Iterator[CountChunk]:
-        """Yield validated float64 CSR row chunks of the count matrix, in order."""
+    def iter_chunks(self, chunk_size: int = 2048, *, start: int = 0, stop: int | None = None) -> Iterator[CountChunk]:
+        """Yield validated float64 CSR row chunks of rows ``start:stop`` of the count matrix, in order."""
         if chunk_size < 1:
             msg = f"chunk_size must be >= 1, got {chunk_size}"
             raise ValueError(msg)
@@ -154,14 +154,15 @@ class H5adCounts:
         if self.encoding == "csc_matrix":
             log.warning("%s: counts are stored as CSC; loading the whole matrix (store CSR to stream)", self.path)
             whole = self._read_csc().tocsr()
-        for start in range(0, self.n_obs, chunk_size):
-            stop = min(start + chunk_size, self.n_obs)
-            matrix = whole[start:stop] if whole is not None else self._read_rows(start, stop)
+        end = self.n_obs if stop is None else stop
+        for lo in range(start, end, chunk_size):
+            hi = min(lo + chunk_size, end)
+            matrix = whole[lo:hi] if whole is not None else self._read_rows(lo, hi)
             matrix = sp.csr_matrix(matrix, dtype=np.float64)
             matrix.sum_duplicates()
-            self._validate_counts(matrix, start)
+            self._validate_counts(matrix, lo)
             matrix.eliminate_zeros()
-            yield CountChunk(start, stop, matrix)
+            yield CountChunk(lo, hi, matrix)
 
     def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         node = self._matrix
@@ -217,3 +218,11 @@ class H5adCounts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def count_cells(path: str | Path, counts: str = "X") -> int:
+    """Number of cells of an ``.h5ad`` file, read from the matrix header only (cheap)."""
+    with h5py.File(path, "r") as f:
+        node = f["raw/X" if counts == "raw" else counts]
+        shape = node.shape if isinstance(node, h5py.Dataset) else node.attrs["shape"]
+        return int(shape[0])

@@ -44,6 +44,15 @@ def _optional(kind: type) -> object:
     return parse
 
 
+def _row_range(text: str) -> tuple[int, int]:
+    """argparse type for ``START:STOP``."""
+    start, sep, stop = text.partition(":")
+    if not sep or not start.isdigit() or not stop.isdigit():
+        msg = f"expected START:STOP, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return int(start), int(stop)
+
+
 def _add_qc(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("qc", help="per-cell QC metrics and filter_pass (scanpy)")
     p.add_argument("h5ad", type=Path)
@@ -113,6 +122,9 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--obs-columns", default="", help="comma-separated obs columns to keep in the corpus")
     p.add_argument(
         "--validation-fraction", type=float, default=0.05, help="cells held out for validation (by id hash)"
+    )
+    p.add_argument(
+        "--rows", type=_row_range, default=None, help="tokenize only rows START:STOP (0-based, STOP excluded): a shard"
     )
     _add_input_options(p)
 
@@ -220,6 +232,7 @@ def _run_tokenize(args: argparse.Namespace) -> None:
         obs_columns=[c for c in args.obs_columns.split(",") if c],
         validation_fraction=args.validation_fraction,
         chunk_size=args.chunk_size,
+        rows=args.rows,
     )
     log.info("%s: %d cells, %d tokens -> %s", args.h5ad, stats.n_cells, stats.n_tokens, args.output)
 

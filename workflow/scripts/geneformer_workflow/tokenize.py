@@ -62,6 +62,8 @@ class CorpusPaths:
 class TokenizeStats:
     """Counts reported in the manifest and the log."""
 
+    row_start: int = 0
+    row_stop: int = 0
     n_cells_input: int = 0
     n_cells_filtered: int = 0
     n_cells_empty: int = 0
@@ -192,8 +194,13 @@ def tokenize_h5ad(
     obs_columns: list[str] | None = None,
     validation_fraction: float = 0.05,
     chunk_size: int = 2048,
+    rows: tuple[int, int] | None = None,
 ) -> TokenizeStats:
-    """Tokenize one file into ``out_parquet`` (+ lengths and manifest beside it), atomically."""
+    """Tokenize one file (or its rows ``rows[0]:rows[1]``) into ``out_parquet`` (+ lengths, manifest), atomically.
+
+    A row range is one shard of a large file, so shards run as parallel jobs; a shard whose cells are
+    all filtered out gives an empty corpus (the whole file must keep some cells).
+    """
     if preset.special_tokens and not (CLS in token_dictionary and EOS in token_dictionary):
         msg = f"preset {preset.name} needs <cls> and <eos> in the token dictionary (use a v2 vocabulary)"
         raise InputError(msg)
@@ -202,7 +209,10 @@ def tokenize_h5ad(
         ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping, source=reader.path))
         report_duplicates(reader.path, ids)
         ranker = GeneRanker(ids, token_dictionary, gene_medians)
-        stats = TokenizeStats(n_cells_input=reader.n_obs, genes_in_file=len(set(ids)), genes_matched=ranker.n_genes)
+        start, stop = _check_rows(rows, reader)
+        stats = TokenizeStats(
+            start, stop, n_cells_input=stop - start, genes_in_file=len(set(ids)), genes_matched=ranker.n_genes
+        )
         if ranker.n_genes == 0:
             msg = (
                 f"{reader.path}: none of its {stats.genes_in_file} gene ids is in the vocabulary "
@@ -213,9 +223,9 @@ def tokenize_h5ad(
         log.info("%s: %d of %d genes are in the vocabulary", reader.path, ranker.n_genes, stats.genes_in_file)
         keep = cells_to_keep(reader, load_cell_filter(cell_filter, reader) if cell_filter else None)
         require_some_cells(reader, keep)
-        stats.n_cells_filtered = int((~keep).sum())
+        stats.n_cells_filtered = int((~keep[start:stop]).sum())
         writer = _CorpusWriter(reader, ranker, keep, preset, token_dictionary, list(obs_columns or []))
-        lengths = writer.write(out.parquet, validation_fraction, chunk_size, stats)
+        lengths = writer.write(out.parquet, validation_fraction, chunk_size, stats, rows=(start, stop))
     _write_sidecars(out, lengths, stats, preset, token_dictionary, path, validation_fraction)
     return stats
 
@@ -238,23 +248,26 @@ class _CorpusWriter:
         fixed = [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_id", pa.string())]
         self.schema = pa.schema([*fixed, ("split", pa.string()), *self.obs_table.schema])
 
-    def write(self, target: Path, validation_fraction: float, chunk_size: int, stats: TokenizeStats) -> np.ndarray:
-        """Write the corpus to ``target`` atomically; return the lengths of the written cells."""
+    def write(
+        self, target: Path, validation_fraction: float, chunk_size: int, stats: TokenizeStats, *, rows: tuple[int, int]
+    ) -> np.ndarray:
+        """Write the corpus of ``rows`` to ``target`` atomically; return the lengths of the written cells."""
         all_lengths = []
-        progress = Progress(f"tokenize {self.reader.path.name}", self.reader.n_obs, unit="cells")
+        start, stop = rows
+        progress = Progress(f"tokenize {self.reader.path.name}[{start}:{stop}]", stop - start, unit="cells")
         with atomic_path(target) as tmp:
             with ParquetSink(tmp, self.schema) as writer:
-                for chunk in self.reader.iter_chunks(chunk_size):
+                for chunk in self.reader.iter_chunks(chunk_size, start=start, stop=stop):
                     table = self._chunk(chunk, validation_fraction, stats)
                     if table is not None:
                         writer.write(table)
                         all_lengths.append(table.column("length").to_numpy())
                     progress.update(chunk.stop - chunk.start)
             progress.close()
-            if not all_lengths:
+            if not all_lengths and (start, stop) == (0, self.reader.n_obs):
                 msg = f"{self.reader.path}: no cell has any vocabulary gene with a nonzero count; nothing to tokenize"
                 raise InputError(msg)
-        lengths = np.concatenate(all_lengths).astype(np.int32)
+        lengths = np.concatenate(all_lengths).astype(np.int32) if all_lengths else np.zeros(0, np.int32)
         if stats.n_cells_empty:
             log.warning(
                 "%s: dropped %d cells with no vocabulary gene expressed", self.reader.path, stats.n_cells_empty
@@ -287,6 +300,16 @@ class _CorpusWriter:
         return pa.Table.from_arrays([*columns, *self.obs_table.take(pa.array(index)).columns], schema=self.schema)
 
 
+def _check_rows(rows: tuple[int, int] | None, reader: H5adCounts) -> tuple[int, int]:
+    if rows is None:
+        return 0, reader.n_obs
+    start, stop = rows
+    if not 0 <= start < stop <= reader.n_obs:
+        msg = f"{reader.path}: row range {start}:{stop} is outside the file's {reader.n_obs} cells"
+        raise InputError(msg)
+    return start, stop
+
+
 def _write_sidecars(
     out: CorpusPaths,
     lengths: np.ndarray,
@@ -311,7 +334,7 @@ def _write_sidecars(
         "token_dictionary_sha256": token_dictionary_sha256(tokens),
         "validation_fraction": validation_fraction,
         **asdict(stats),
-        "mean_length": float(lengths.mean()),
+        "mean_length": float(lengths.mean()) if lengths.size else 0.0,
         "count_fraction_in_vocabulary": stats.counts_in_vocabulary / max(stats.counts_total, 1.0),
     }
     write_json_atomic(out.manifest, manifest)
