@@ -9,11 +9,12 @@ from .helpers import REPO, SNAKEMAKE, run_snakemake, write_config
 
 @pytest.mark.parametrize("model", ["sanity", "10m", "106m", "4b", "4b_te_fp8"])
 def test_dry_run_shows_the_whole_dag_for_every_model_size(model):
-    result = subprocess.run(
-        [*SNAKEMAKE, "-n", "--config", f"model={model}"], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    # --forceall: the whole DAG even when a demo run already left results in this checkout
+    command = [*SNAKEMAKE, "-n", "--forceall", "--config", f"model={model}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "This was a dry-run" in result.stdout
+    assert "pretrain_model" in result.stdout and "export_model" in result.stdout
 
 
 def test_dry_run_of_the_fresh_demo_lists_every_rule(tmp_path):
@@ -35,7 +36,11 @@ def test_dry_run_of_the_fresh_demo_lists_every_rule(tmp_path):
 
 def test_dry_run_through_the_slurm_profile_needs_no_slurm():
     result = subprocess.run(
-        [*SNAKEMAKE, "-n", "--profile", "profiles/slurm"], cwd=REPO, capture_output=True, text=True, timeout=300
+        [*SNAKEMAKE, "-n", "--forceall", "--profile", "profiles/slurm"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
 

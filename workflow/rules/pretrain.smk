@@ -12,7 +12,7 @@ rule pretrain_model:
     log:
         "logs/pretrain_model/{model}.log",
     benchmark:
-        "benchmarks/pretrain_model/{model}.tsv"
+        "logs/benchmarks/pretrain_model/{model}.tsv"
     params:
         python=PYTHON,
         scripts=SCRIPTS_DIR,

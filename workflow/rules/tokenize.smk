@@ -13,7 +13,7 @@ rule tokenize_dataset:
     log:
         "logs/tokenize_dataset/{dataset}/shard-{shard}.log",
     benchmark:
-        "benchmarks/tokenize_dataset/{dataset}/shard-{shard}.tsv"
+        "logs/benchmarks/tokenize_dataset/{dataset}/shard-{shard}.tsv"
     params:
         gfw=GFW,
         options=input_options(),

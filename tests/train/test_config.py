@@ -1,0 +1,67 @@
+"""Config composition and validation: every tier composes, mistakes name the key and the fix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from geneformer_workflow.train import compose_config, main, validate_config
+
+from .conftest import compose
+
+TIERS = ["sanity", "10m", "10m_te", "106m", "4b", "4b_te", "4b_te_fp8"]
+REQUIRED = ["run_dir=/tmp/x", "data.corpus=[a.parquet]", "data.vocab_dir=v"]
+
+
+@pytest.mark.parametrize("name", TIERS)
+def test_every_tier_composes_and_validates(name):
+    cfg = compose_config(name, REQUIRED)
+    validate_config(cfg)
+    assert cfg.model.max_position_embeddings >= cfg.data.max_length
+
+
+def test_tier_shapes_match_the_model_presets():
+    from geneformer_workflow.model import MODEL_PRESETS
+
+    for tier, preset in [("sanity", "sanity"), ("10m", "10m"), ("106m", "106m"), ("4b", "4b")]:
+        cfg = compose_config(tier, REQUIRED)
+        assert {k: cfg.model[k] for k in MODEL_PRESETS[preset]} == MODEL_PRESETS[preset]
+
+
+def test_missing_mandatory_keys_are_listed():
+    with pytest.raises(ValueError, match=re.escape("['run_dir', 'data.corpus', 'data.vocab_dir']")):
+        validate_config(compose_config("sanity", []))
+
+
+def test_position_table_shorter_than_max_length_names_both_keys():
+    cfg = compose_config("sanity", [*REQUIRED, "data.max_length=4096", "model.max_position_embeddings=2048"])
+    with pytest.raises(ValueError, match=r"model\.max_position_embeddings=2048 .* data\.max_length=4096"):
+        validate_config(cfg)
+
+
+def test_fp8_without_te_names_the_fix():
+    with pytest.raises(ValueError, match=re.escape("model.use_te=true")):
+        validate_config(compose_config("sanity", [*REQUIRED, "fp8.enabled=true"]))
+
+
+def test_unknown_config_name_lists_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="sanity"):
+        compose_config("nope", [])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.use_te=true"], "needs CUDA + Transformer Engine"),
+        (["training.precision=bf16"], "training.precision=bf16 needs a CUDA device"),
+        (["backend.name=mfsdp"], "backend.name=mfsdp needs CUDA"),
+        (["training.device=cuda"], "no CUDA device"),
+    ],
+    ids=["te", "bf16", "mfsdp", "cuda"],
+)
+def test_gpu_only_features_fail_clearly_on_cpu(small_corpus, tmp_path: Path, overrides, message):
+    with pytest.raises((RuntimeError, ValueError), match=re.escape(message)):
+        main(compose(small_corpus, tmp_path, *overrides))

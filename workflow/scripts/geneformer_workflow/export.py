@@ -1,0 +1,101 @@
+"""``gfw export``: a training checkpoint → a Hugging Face ``BertForMaskedLM`` directory.
+
+Runs on one process without a process group: DCP reassembles the shards that all ranks wrote.
+
+    gfw export results/train/10m results/export/10m              # run dir: final.json, else the newest step
+    gfw export results/train/10m/checkpoints/step_5000 out/ --vocab-dir results/vocab
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .model import GeneformerForMaskedLM, ModelConfig, save_hf_directory
+from .train.checkpoint import (
+    FINAL_FILE,
+    MODEL_CONFIG_FILE,
+    CheckpointError,
+    check_complete,
+    latest_checkpoint,
+    load_model_weights,
+)
+
+__all__ = ["cli_main", "export_checkpoint", "load_checkpoint_model", "resolve_checkpoint"]
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A ``step_<n>`` directory from a run dir (``final.json``, else the newest checkpoint) or a step dir."""
+    path = Path(checkpoint)
+    if (path / MODEL_CONFIG_FILE).is_file() or path.name.startswith("step_"):
+        return path
+    final = path / FINAL_FILE
+    if final.is_file():
+        return path / json.loads(final.read_text())["checkpoint"]
+    latest = latest_checkpoint(path)
+    if latest is None:
+        msg = f"{path} is neither a checkpoint (step_<n>) nor a run directory with checkpoints"
+        raise FileNotFoundError(msg)
+    return latest
+
+
+def load_checkpoint_model(checkpoint: str | Path) -> tuple[GeneformerForMaskedLM, dict]:
+    """Build the model from ``model_config.json`` and load the checkpoint's weights (fp32, eval mode).
+
+    Returns:
+        ``(model, checkpoint.json contents)``.
+    """
+    path = resolve_checkpoint(checkpoint)
+    meta = check_complete(path)
+    config = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG_FILE).read_text()))
+    config.gradient_checkpointing = False  # a training option; the export config never carries it
+    model = GeneformerForMaskedLM(config)
+    load_model_weights(path, model)
+    return model.eval(), meta
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, vocab_dir: str | Path | None = None) -> Path:
+    """Export a checkpoint as a Hugging Face directory (config.json, model.safetensors, vocab files).
+
+    Args:
+        checkpoint: A run directory or a ``checkpoints/step_<n>`` directory.
+        out_dir: Target directory (replaced atomically if it exists).
+        vocab_dir: Vocabulary files to ship; default: the ``vocab_dir`` recorded in the checkpoint.
+
+    Returns:
+        ``out_dir``.
+    """
+    model, meta = load_checkpoint_model(checkpoint)
+    vocab = vocab_dir if vocab_dir is not None else meta.get("vocab_dir")
+    if vocab is not None and not Path(vocab).is_dir():
+        msg = f"vocab dir {vocab} (recorded in the checkpoint) does not exist; pass --vocab-dir"
+        raise FileNotFoundError(msg)
+    return save_hf_directory(model, out_dir, vocab_dir=vocab)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``gfw export`` arguments."""
+    parser = argparse.ArgumentParser(
+        prog="gfw export", description="Export a training checkpoint as a Hugging Face BertForMaskedLM directory."
+    )
+    parser.add_argument(
+        "checkpoint", help="run directory (uses final.json, else the newest checkpoint) or step_<n> dir"
+    )
+    parser.add_argument("out_dir", help="output directory (replaced if it exists)")
+    parser.add_argument(
+        "--vocab-dir", default=None, help="tokenizer/vocabulary files to copy (default: the one recorded at training)"
+    )
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    """Entry point of ``gfw export``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, vocab_dir=args.vocab_dir)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"gfw export: error: {err}")
+        return 1
+    print(f"exported {resolve_checkpoint(args.checkpoint)} to {out}")
+    return 0

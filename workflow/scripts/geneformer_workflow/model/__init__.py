@@ -1,0 +1,28 @@
+"""Geneformer BERT masked-LM (post-LayerNorm, ReLU, Hugging Face ``BertForMaskedLM`` parameter names).
+
+Modules: ``config`` (``ModelConfig``, ``MODEL_PRESETS``), ``layers`` (one layer from swappable Linear /
+LayerNorm / attention primitives), ``bert`` (the model), ``hf`` (export to / import from Hugging Face directories).
+See docs/model.md.
+"""
+
+from __future__ import annotations
+
+from .bert import IGNORE_INDEX, GeneformerForMaskedLM, MaskedLMOutput
+from .config import MODEL_PRESETS, ModelConfig, num_parameters
+from .hf import load_hf_directory, save_hf_directory, save_hf_state_dict, to_hf_state_dict
+from .layers import TORCH_PRIMITIVES, Primitives
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MODEL_PRESETS",
+    "TORCH_PRIMITIVES",
+    "GeneformerForMaskedLM",
+    "MaskedLMOutput",
+    "ModelConfig",
+    "Primitives",
+    "load_hf_directory",
+    "num_parameters",
+    "save_hf_directory",
+    "save_hf_state_dict",
+    "to_hf_state_dict",
+]

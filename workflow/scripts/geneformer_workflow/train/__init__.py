@@ -1,0 +1,92 @@
+"""Pretrain a Geneformer BERT masked-LM with ``torchrun`` + FSDP2 (CPU or GPU), DDP or megatron-fsdp.
+
+One CPU process (the sanity tier, a few seconds)::
+
+    gfw train --config-name sanity data.corpus=[results/tokenized/demo.parquet] \\
+        data.vocab_dir=results/vocab run_dir=results/train/sanity
+
+Several processes on one machine (FSDP2 over gloo on CPU, NCCL on GPU)::
+
+    OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \\
+        -m geneformer_workflow train --config-name sanity data.corpus=[a.parquet,b.parquet] \\
+        data.vocab_dir=results/vocab run_dir=results/train/sanity
+
+Several nodes under SLURM (one ``torchrun`` per node; the rendezvous host is the first node)::
+
+    srun --nodes=2 --ntasks=2 --ntasks-per-node=1 bash -c 'torchrun --nnodes 2 --nproc_per_node 8 \\
+        --rdzv-backend c10d --rdzv-endpoint "$(scontrol show hostnames "$SLURM_STEP_NODELIST" | head -n1):29500" \\
+        --rdzv-id "$SLURM_JOB_ID" -m geneformer_workflow train --config-name 106m run_dir=... data.corpus=[...] \\
+        data.vocab_dir=...'
+
+Rerunning the same command resumes from the newest checkpoint in ``run_dir/checkpoints``.
+See docs/training.md for every config key, the checkpoint layout and the metric names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+from omegaconf import DictConfig
+
+from .config import DEFAULT_CONFIG_DIR, compose_config, validate_config
+from .distributed import DistributedConfig, close_runtime, init_runtime
+from .trainer import Trainer
+
+__all__ = ["DEFAULT_CONFIG_DIR", "cli_main", "compose_config", "main", "validate_config"]
+
+log = logging.getLogger(__name__)
+
+
+def main(cfg: DictConfig) -> float:
+    """Train with a composed config; returns the last logged train loss (NaN if none was logged).
+
+    Starts the process group (for more than one process), trains, and always closes loggers
+    and the process group, on success and on error alike.
+    """
+    validate_config(cfg)
+    runtime = init_runtime(str(cfg.training.device), timeout_s=60.0 * float(cfg.training.dist_timeout_minutes))
+    trainer = None
+    try:
+        trainer = Trainer(cfg, runtime)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        close_runtime(runtime)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``gfw train`` arguments: a config choice plus Hydra overrides."""
+    parser = argparse.ArgumentParser(
+        prog="gfw train",
+        description="Pretrain a Geneformer BERT masked-LM. Run under torchrun for several processes.",
+        epilog="Example: gfw train --config-name sanity data.corpus=[c.parquet] data.vocab_dir=vocab run_dir=out",
+    )
+    parser.add_argument(
+        "--config-dir",
+        default=str(DEFAULT_CONFIG_DIR),
+        help="directory of training configs (default: the repository's config/train)",
+    )
+    parser.add_argument(
+        "--config-name",
+        default="sanity",
+        help="config file name without .yaml: sanity, 10m, 106m, 4b, ... (default: sanity)",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value, e.g. training.max_steps=100")
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    """Entry point of ``gfw train``; returns the process exit code (0 also after a SIGTERM/SIGUSR1 stop)."""
+    args = build_parser().parse_args(argv)
+    rank = DistributedConfig.from_env().rank
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    # Only rank 0 reports progress; other ranks speak up for warnings and errors.
+    logging.getLogger("geneformer_workflow").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    cfg = compose_config(args.config_name, args.overrides, args.config_dir)
+    loss = main(cfg)
+    if rank == 0:
+        log.info("done: last train loss %s", "n/a" if math.isnan(loss) else f"{loss:.6f}")
+    return 0

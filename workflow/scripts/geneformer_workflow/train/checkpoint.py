@@ -1,0 +1,253 @@
+"""Distributed checkpoints: ``run_dir/checkpoints/step_<n>/``, complete or absent.
+
+Layout of one checkpoint::
+
+    checkpoints/step_<n>/
+        .metadata, __*_*.distcp     torch.distributed.checkpoint (DCP) shards, one set per rank:
+                                    app.model.* (parameters, sharded as trained), app.optim.* (AdamW state),
+                                    app.scheduler.*, app.trainer.* (step, epoch, tokens and cells seen)
+        checkpoint.json             step, epoch, data position, batch layout, seed, vocab_dir, backend, train loss
+        model_config.json           ``ModelConfig.to_dict()``: enough to rebuild the model for export
+
+All ranks write their shards into ``checkpoints/.tmp_step_<n>``; rank 0 then adds the JSON
+files and renames the directory, so a ``step_<n>`` directory only ever appears complete. The
+last ``keep_last`` checkpoints are kept. DCP saves sharded state and reshards it on load, so a
+run may resume with a different number of processes (the global batch must stay the same).
+
+RNG state is not saved: dropout is reseeded at every step from ``(seed, step, rank)`` and the
+masks are keyed per cell, so a resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from .distributed import Runtime, barrier
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+META_FILE = "checkpoint.json"
+MODEL_CONFIG_FILE = "model_config.json"
+FINAL_FILE = "final.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# DCP wraps reader errors in CheckpointException, which derives from BaseException, not Exception.
+_LOAD_ERRORS = (Exception, CheckpointException)
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group: one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used; the message names its path."""
+
+
+@dataclass
+class TrainState:
+    """Counters that advance with training (saved in every checkpoint)."""
+
+    step: int = 0  # completed optimizer steps
+    epoch: int = 0  # epoch of the last completed step
+    tokens_seen: int = 0  # unpadded training tokens over all ranks
+    cells_seen: int = 0
+
+
+class AppState(Stateful):
+    """Everything DCP saves and restores, as one ``Stateful``.
+
+    ``get_state_dict`` / ``set_state_dict`` give the same keys for none, ddp and fsdp2 (no
+    ``module.`` prefix from DDP; FSDP2 keeps the sharded DTensors), so checkpoints move between
+    these backends. megatron-fsdp is not supported by those helpers; its wrapper's own
+    ``state_dict`` methods are used instead (its keys carry a ``module.`` prefix; untested here,
+    as this needs GPUs).
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, *, backend: str
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
+        self.backend = backend
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, scheduler and counters."""
+        if self.backend == "mfsdp":
+            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        else:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {
+            "model": model_state,
+            "optim": optim_state,
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": asdict(self.state),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore in place."""
+        if self.backend == "mfsdp":
+            self.model.load_state_dict(state_dict["model"])
+            self.optimizer.load_state_dict(state_dict["optim"])
+        else:
+            set_state_dict(
+                self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"]
+            )
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        for key, value in state_dict["trainer"].items():
+            setattr(self.state, key, int(value))
+
+
+def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoints/step_<n>`` directory, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``step_<n>`` directory, or None when there is none."""
+    dirs = step_dirs(run_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON file, raising :class:`CheckpointError` naming the path when it is missing or broken."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        msg = f"cannot read {path}: {err}"
+        raise CheckpointError(msg) from err
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (readers never see half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    app: AppState,
+    runtime: Runtime,
+    *,
+    meta: dict[str, Any],
+    model_config: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Save ``app`` as ``checkpoints/step_<step>`` (collective: every rank calls it).
+
+    Args:
+        run_dir: The run directory.
+        app: State to save; ``app.state.step`` names the directory.
+        runtime: Rank and process group.
+        meta: Extra fields for ``checkpoint.json`` (written by rank 0).
+        model_config: ``ModelConfig.to_dict()`` for ``model_config.json``.
+        keep_last: Checkpoints to keep (older ones are deleted); <= 0 keeps all.
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    step = app.state.step
+    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    if final.is_dir():  # e.g. the end of a run that resumed from its last step: nothing new to save
+        return final
+    if runtime.dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(runtime)
+    with _single_process_ok():
+        dcp.save({"app": app}, checkpoint_id=tmp)
+    barrier(runtime)
+    if runtime.dist.is_main:
+        payload = {"format": FORMAT_VERSION, **asdict(app.state), **meta}
+        write_json_atomic(tmp / META_FILE, payload)
+        write_json_atomic(tmp / MODEL_CONFIG_FILE, model_config)
+        os.rename(tmp, final)
+        prune_checkpoints(run_dir, keep_last)
+    barrier(runtime)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (<= 0 keeps all); returns what was deleted."""
+    dirs = step_dirs(run_dir)
+    doomed = [p for _, p in dirs[:-keep_last]] if keep_last > 0 else []
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete ``.tmp_step_*`` leftovers of a killed save (rank 0, before training)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for path in root.glob(".tmp_step_*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def check_complete(path: Path) -> dict[str, Any]:
+    """Return ``checkpoint.json`` of ``path``, or raise :class:`CheckpointError` naming what is missing."""
+    missing = [name for name in (".metadata", META_FILE, MODEL_CONFIG_FILE) if not (path / name).is_file()]
+    if missing:
+        msg = (
+            f"checkpoint {path} is incomplete or corrupt (missing {missing}); delete it to resume from the "
+            "previous checkpoint, or start a new run_dir"
+        )
+        raise CheckpointError(msg)
+    return read_json(path / META_FILE)
+
+
+def load_checkpoint(path: Path, app: AppState) -> None:
+    """Restore ``app`` in place from checkpoint ``path`` (collective)."""
+    check_complete(path)
+    try:
+        with _single_process_ok():
+            dcp.load({"app": app}, checkpoint_id=path)
+    except _LOAD_ERRORS as err:
+        msg = (
+            f"cannot load checkpoint {path}: {type(err).__name__}: {err}. Delete it to resume from the previous "
+            "checkpoint, or start a new run_dir"
+        )
+        raise CheckpointError(msg) from err
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load only the model parameters of checkpoint ``path`` into an unwrapped model, on one process.
+
+    DCP reads without a process group here, and reassembles the shards of all ranks.
+    """
+    meta = check_complete(path)
+    prefix = "module." if meta.get("backend") == "mfsdp" else ""  # megatron-fsdp's wrapper prefixes its keys
+    state = {prefix + key: value for key, value in model.state_dict().items()}
+    try:
+        with _single_process_ok():
+            dcp.load({"app": {"model": state}}, checkpoint_id=path)
+    except _LOAD_ERRORS as err:
+        msg = f"cannot load the model weights of checkpoint {path}: {type(err).__name__}: {err}"
+        raise CheckpointError(msg) from err
+    model.load_state_dict({key.removeprefix(prefix): value for key, value in state.items()})

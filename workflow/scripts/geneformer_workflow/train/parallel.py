@@ -1,0 +1,167 @@
+"""Wrapping the model for data parallelism: one function per backend, with parallel names.
+
+=========  ======================================  ==========================================
+backend    function                                where it runs
+=========  ======================================  ==========================================
+none       (no wrapper)                            one process, CPU or GPU
+ddp        :func:`wrap_model_ddp`                  gloo (CPU) or NCCL (GPU); full replicas
+fsdp2      :func:`wrap_model_fsdp2`                gloo or NCCL; ``torch.distributed.fsdp.fully_shard``
+mfsdp      :func:`wrap_model_mfsdp`                NCCL only (megatron-fsdp calls ``torch.cuda``)
+=========  ======================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import Runtime
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "none", "ddp", "fsdp2", "mfsdp")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_backend(name: str, runtime: Runtime) -> str:
+    """``auto`` → ``fsdp2`` for several processes, ``none`` for one; check the others fit the job."""
+    if name not in BACKENDS:
+        msg = f"backend.name={name!r} is not one of {', '.join(BACKENDS)}"
+        raise ValueError(msg)
+    if name == "auto":
+        return "fsdp2" if runtime.dist.is_distributed else "none"
+    if name == "none" and runtime.dist.is_distributed:
+        msg = f"backend.name=none cannot train with WORLD_SIZE={runtime.dist.world_size}; use auto, fsdp2 or ddp"
+        raise ValueError(msg)
+    return name
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on GPU, fp32 on CPU. bf16 on CPU is refused (slow, and untested with gloo)."""
+    if name not in PRECISIONS:
+        msg = f"training.precision={name!r} is not one of {', '.join(PRECISIONS)}"
+        raise ValueError(msg)
+    if name == "bf16" and device.type != "cuda":
+        msg = "training.precision=bf16 needs a CUDA device; set training.precision=auto or fp32 on CPU"
+        raise ValueError(msg)
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return torch.float32
+    return torch.bfloat16
+
+
+def wrap_model_fsdp2(
+    model: nn.Module, runtime: Runtime, *, compute_dtype: torch.dtype, fully_shard_kwargs: dict[str, Any]
+) -> nn.Module:
+    """Shard each encoder layer, then the root (embeddings, MLM head, tied decoder) with FSDP2.
+
+    Parameters become DTensors sharded on dim 0 over a 1-D mesh of all ranks. With bf16, FSDP2
+    all-gathers bf16 parameters and reduce-scatters gradients in fp32; the sharded master
+    weights and optimizer state stay fp32. Parameter names do not change.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(runtime.device.type, (runtime.dist.world_size,), mesh_dim_names=("dp",))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    model.to(runtime.device)
+    for layer in model.encoder_layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, **fully_shard_kwargs)
+    fully_shard(model, mesh=mesh, mp_policy=policy, **fully_shard_kwargs)
+    return model
+
+
+def wrap_model_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """Replicate the model with ``DistributedDataParallel`` (the simple baseline)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model.to(runtime.device)
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def wrap_model_mfsdp(
+    model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime, *, fully_shard_kwargs: dict[str, Any]
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Shard model and optimizer with megatron-fsdp (GPU only); returns the wrapped pair.
+
+    Unlike FSDP2, megatron-fsdp takes the optimizer, so build it *before* this call and the LR
+    scheduler *after* it. Known hazards (see docs/training.md): it merges the optimizer's
+    parameter groups into one (so biases and LayerNorm weights are decayed too), it drops
+    Transformer Engine FP8 ``_extra_state`` from state dicts, and ``clip_grad_norm_`` has hung
+    with several processes on some containers (``training.max_grad_norm=null`` turns clipping off).
+
+    Raises:
+        RuntimeError: without CUDA, or when ``megatron_fsdp`` cannot be imported.
+    """
+    if runtime.device.type != "cuda":
+        msg = "backend.name=mfsdp needs CUDA GPUs (megatron-fsdp calls torch.cuda); use backend.name=fsdp2 on CPU"
+        raise RuntimeError(msg)
+    try:
+        from megatron_fsdp.fully_shard import fully_shard
+    except Exception as err:  # the TE meta package raises RuntimeError, not ImportError, at import
+        msg = f"backend.name=mfsdp needs megatron-fsdp (pip install '.[gpu]'); importing it failed: {err!r}"
+        raise RuntimeError(msg) from err
+    from torch.distributed.device_mesh import init_device_mesh
+
+    log.warning(
+        "megatron-fsdp merges optimizer parameter groups, so weight decay also applies to biases and LayerNorm; "
+        "clip_grad_norm_ has hung with multi-process megatron-fsdp on some containers: if the first step hangs, "
+        "set training.max_grad_norm=null"
+    )
+    # megatron-fsdp expects a (dp, tp) mesh even without tensor parallelism.
+    mesh = init_device_mesh("cuda", (runtime.dist.world_size, 1), mesh_dim_names=("dp", "tp"))
+    model.to(runtime.device)
+    return fully_shard(
+        module=model,
+        optimizer=optimizer,
+        fsdp_unit_modules=[type(model.encoder_layers[0])],
+        device_mesh=mesh,
+        dp_shard_dim="dp",
+        tp_dim="tp",
+        **fully_shard_kwargs,
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user model inside a DDP or megatron-fsdp wrapper (FSDP2 wraps in place)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, backend: str, *, sync: bool) -> Iterator[None]:
+    """Skip DDP's all-reduce on accumulation steps that are not the last one.
+
+    FSDP2 reduce-scatters every micro-batch and accumulates sharded gradients, which keeps
+    memory low; megatron-fsdp handles accumulation itself.
+    """
+    if backend == "ddp" and not sync:
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def autocast_context(
+    backend: str, device: torch.device, compute_dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the backends without their own mixed-precision policy (none, ddp) on GPU."""
+    if compute_dtype == torch.float32 or backend in {"fsdp2", "mfsdp"}:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute_dtype)
+
+
+def require_te(feature: str) -> None:
+    """Refuse TE/FP8 features where Transformer Engine or CUDA is missing, naming the fix."""
+    if not torch.cuda.is_available():
+        msg = f"{feature} needs CUDA + Transformer Engine; this machine has no CUDA device. Set {feature}=false"
+        raise RuntimeError(msg)
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # the CPU meta package raises RuntimeError at import
+        msg = f"{feature} needs CUDA + Transformer Engine (pip install '.[gpu]'); importing it failed: {err!r}"
+        raise RuntimeError(msg) from err

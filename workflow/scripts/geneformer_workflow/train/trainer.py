@@ -1,0 +1,359 @@
+"""The training loop: build once, then step, log, validate and checkpoint until ``max_steps``.
+
+Every optimizer step trains on one global batch (see :mod:`.sampler`). The loss is the sum of
+the masked-token cross-entropies of the global batch divided by its number of masked tokens;
+each rank scales its micro-batch losses by ``world_size / global_masked`` so that the data-
+parallel gradient average of FSDP2/DDP yields exactly that, whatever the world size. The
+global masked-token count (and the stop flag, and the token counters) are summed across ranks
+in one small all-reduce at the start of each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..model import GeneformerForMaskedLM, ModelConfig
+from .checkpoint import (
+    FINAL_FILE,
+    AppState,
+    TrainState,
+    check_complete,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    write_json_atomic,
+)
+from .config import data_settings, model_fields, to_container
+from .data import load_training_data
+from .distributed import Runtime, all_reduce_sum, barrier
+from .masking import IGNORE_INDEX
+from .metrics import MetricsLogger, memory_metrics, truncate_metrics
+from .optim import build_optimizer, build_scheduler
+from .parallel import (
+    autocast_context,
+    gradient_sync,
+    require_te,
+    resolve_backend,
+    resolve_precision,
+    wrap_model_ddp,
+    wrap_model_fsdp2,
+    wrap_model_mfsdp,
+)
+from .sampler import BatchLayout
+from .signals import StopRequest
+from .vocab import load_vocab
+
+log = logging.getLogger(__name__)
+DROPOUT_STREAM = 2  # RNG stream of dropout (masks use 0 and 1)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the dropout RNG for one rank and step: no RNG state needs saving for an exact resume."""
+    return int(np.random.SeedSequence([seed, DROPOUT_STREAM, step, rank]).generate_state(1)[0])
+
+
+def check_te_support(cfg: DictConfig) -> None:
+    """Refuse Transformer Engine / FP8 where they cannot run, naming the key."""
+    if cfg.model.use_te:
+        require_te("model.use_te")
+        msg = (
+            "model.use_te=true: the model package does not provide Transformer Engine primitives yet, so this "
+            "trainer cannot build a TE model; set model.use_te=false"
+        )
+        raise NotImplementedError(msg)
+    if cfg.fp8.enabled:
+        require_te("fp8.enabled")
+
+
+class Trainer:
+    """Owns the model, optimizer, data and loggers of one run on one rank."""
+
+    def __init__(self, cfg: DictConfig, runtime: Runtime) -> None:
+        self.cfg, self.runtime = cfg, runtime
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.seed = int(cfg.seed)
+        self.max_steps = int(cfg.training.max_steps)
+        check_te_support(cfg)
+        self.vocab = load_vocab(cfg.data.vocab_dir)
+        self.backend = resolve_backend(cfg.backend.name, runtime)
+        self.compute_dtype = resolve_precision(cfg.training.precision, runtime.device)
+        self.layout = BatchLayout(
+            micro_batch_size=int(cfg.data.micro_batch_size),
+            world_size=runtime.dist.world_size,
+            grad_accum=int(cfg.training.grad_accum_steps),
+        )
+        self.data = load_training_data(data_settings(cfg), self.vocab, runtime, layout=self.layout, seed=self.seed)
+        self.model_config = ModelConfig(
+            vocab_size=self.vocab.size, pad_token_id=self.vocab.pad_id, **model_fields(cfg)
+        )
+        self.model, self.optimizer = self._build_model_and_optimizer()
+        # After wrapping: FSDP2 swaps parameters for DTensors and megatron-fsdp replaces the optimizer.
+        self.scheduler = build_scheduler(self.optimizer, **to_container(cfg.scheduler))
+        self.state = TrainState()
+        self.app = AppState(self.model, self.optimizer, self.scheduler, self.state, backend=self.backend)
+        self.stop = StopRequest()
+        self.metrics: MetricsLogger | None = None
+        self.last_train_loss: float | None = None
+        self.last_validation: dict[str, float] = {}
+        self._reset_interval()
+
+    # ------------------------------------------------------------------ setup
+    def _build_model_and_optimizer(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(self.seed)  # every rank builds the same initial weights; FSDP2 then keeps its shard
+        model = GeneformerForMaskedLM(self.model_config)
+        opt_kwargs = {
+            "lr": float(self.cfg.optimizer.lr),
+            "weight_decay": float(self.cfg.optimizer.weight_decay),
+            "adamw_kwargs": to_container(self.cfg.optimizer.adamw_kwargs),
+        }
+        if self.backend == "mfsdp":
+            optimizer = build_optimizer(model, **opt_kwargs)  # megatron-fsdp wraps model and optimizer together
+            kwargs = to_container(self.cfg.backend.mfsdp_kwargs)
+            return wrap_model_mfsdp(model, optimizer, self.runtime, fully_shard_kwargs=kwargs)
+        if self.backend == "fsdp2":
+            kwargs = to_container(self.cfg.backend.fully_shard_kwargs)
+            model = wrap_model_fsdp2(model, self.runtime, compute_dtype=self.compute_dtype, fully_shard_kwargs=kwargs)
+        elif self.backend == "ddp":
+            model = wrap_model_ddp(model, self.runtime)
+        else:
+            model = model.to(self.runtime.device)
+        return model, build_optimizer(model, **opt_kwargs)
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> float:
+        """Resume if possible, train to ``max_steps``, validate, checkpoint; returns the last train loss."""
+        self._resume()
+        self.metrics = self._start_metrics()
+        self._reset_interval()  # the first train/step_time excludes start-up
+        log_every, eval_every = int(self.cfg.logging.log_every), int(self.cfg.logging.eval_every)
+        save_every = int(self.cfg.checkpoint.save_every)
+        while self.state.step < self.max_steps:
+            if not self.train_step():
+                if self.runtime.dist.is_main:
+                    log.warning("stop signal: saving a checkpoint at step %d and exiting", self.state.step)
+                self.save()
+                return self._loss_or_nan()
+            step, last = self.state.step, self.state.step == self.max_steps
+            if step % log_every == 0 or last:
+                self.log_train()
+            if eval_every > 0 and step % eval_every == 0 and not last:
+                self.evaluate()
+            if step % save_every == 0 and not last:
+                self.save()
+        self.finish()
+        return self._loss_or_nan()
+
+    def train_step(self) -> bool:
+        """One optimizer step on this rank's micro-batches; False (and no update) when a stop was requested."""
+        step, rank = self.state.step, self.runtime.dist.rank
+        epoch, batches = self.data.train_micro_batches(step, rank)
+        local = [sum(b.n_masked for b in batches), float(self.stop.requested)]
+        local += [sum(b.n_tokens for b in batches), sum(b.n_padded_tokens for b in batches)]
+        masked, stop, tokens, padded = all_reduce_sum(local, self.runtime)
+        if stop > 0:
+            return False
+        torch.manual_seed(step_seed(self.seed, step, rank))
+        self.model.train()
+        scale = self.runtime.dist.world_size / max(masked, 1.0)  # undo the ranks' gradient averaging
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.runtime.device)
+            with gradient_sync(self.model, self.backend, sync=i == len(batches) - 1):
+                with autocast_context(self.backend, self.runtime.device, self.compute_dtype):
+                    out = self.model(batch.input_ids, batch.attention_mask, batch.labels)
+                ce_sum = out.loss * out.num_masked  # the model's loss is the mean over this micro-batch
+                (ce_sum * scale).backward()
+            self._loss_sum += ce_sum.detach().double()
+        self._grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step, self.state.epoch = step + 1, epoch
+        self.state.tokens_seen += int(tokens)
+        self.state.cells_seen += self.layout.global_batch_size
+        self._masked += masked
+        self._tokens += tokens
+        self._padded += padded
+        self._steps += 1
+        return True
+
+    def _clip_gradients(self) -> torch.Tensor | None:
+        max_norm = self.cfg.training.max_grad_norm
+        if max_norm is None:
+            return None
+        # Works on FSDP2's DTensor gradients (the norm is reduced over shards). See docs/training.md for megatron-fsdp.
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(max_norm))
+
+    # ------------------------------------------------------------------ metrics and validation
+    def _reset_interval(self) -> None:
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+        self._masked = self._tokens = self._padded = 0.0
+        self._steps = 0
+        self._grad_norm: torch.Tensor | None = None
+        self._interval_start = time.perf_counter()
+
+    def log_train(self) -> None:
+        """Reduce the interval's loss across ranks and write the train/* metrics (rank 0)."""
+        (loss_sum,) = all_reduce_sum([float(self._loss_sum)], self.runtime)
+        elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
+        self.last_train_loss = loss_sum / max(self._masked, 1.0)
+        metrics = {
+            "train/loss": self.last_train_loss,
+            "train/learning_rate": self.scheduler.get_last_lr()[0],
+            "train/step_time": elapsed / max(self._steps, 1),
+            "train/tokens_per_second": self._padded / elapsed,
+            "train/unpadded_tokens_per_second": self._tokens / elapsed,
+            "train/unpadded_tokens_per_second_per_rank": self._tokens / elapsed / self.runtime.dist.world_size,
+            "train/tokens_seen": self.state.tokens_seen,
+            "train/epoch": self.state.epoch,
+            **memory_metrics(self.runtime.device),
+        }
+        if self._grad_norm is not None:
+            norm = self._grad_norm
+            metrics["train/grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.metrics.log(self.state.step, metrics)
+        self._reset_interval()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and accuracy on the fixed validation masks (all ranks take part)."""
+        if len(self.data.validation) == 0:
+            return {}
+        started = time.perf_counter()
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)  # CE sum, correct, masked
+        for indices, counts in self.data.validation_plan(
+            self.seed, self.runtime.dist.world_size, self.runtime.dist.rank
+        ):
+            batch = self.data.validation_batch(indices).to(self.runtime.device)
+            with autocast_context(self.backend, self.runtime.device, self.compute_dtype):
+                out = self.model(batch.input_ids, batch.attention_mask, batch.labels)
+            if counts:  # filler batches only keep FSDP's collectives in step
+                targets = batch.labels[batch.labels != IGNORE_INDEX]
+                correct = (out.logits.argmax(dim=-1) == targets).sum()
+                totals += torch.stack(
+                    [out.loss.double() * out.num_masked, correct.double(), totals.new_tensor(out.num_masked)]
+                )
+        ce, correct, masked = all_reduce_sum(totals.tolist(), self.runtime)
+        self.last_validation = {
+            "validation/loss": ce / max(masked, 1.0),
+            "validation/accuracy": correct / max(masked, 1.0),
+            "validation/masked_tokens": masked,
+            "validation/time": time.perf_counter() - started,
+        }
+        self.metrics.log(self.state.step, self.last_validation)
+        self._interval_start += time.perf_counter() - started  # keep validation out of train/step_time
+        return self.last_validation
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        epoch, index = self.data.sampler.position(self.state.step)
+        return {
+            "data_position": {"next_epoch": epoch, "next_batch_in_epoch": index},
+            "batches_per_epoch": self.data.sampler.batches_per_epoch,
+            "global_batch_size": self.layout.global_batch_size,
+            "micro_batch_size": self.layout.micro_batch_size,
+            "grad_accum_steps": self.layout.grad_accum,
+            "world_size": self.runtime.dist.world_size,
+            "seed": self.seed,
+            "backend": self.backend,
+            "vocab_dir": str(Path(self.cfg.data.vocab_dir).resolve()),
+            "train_cells": len(self.data.train),
+            "train_loss": self.last_train_loss,
+        }
+
+    def save(self) -> Path:
+        """Checkpoint the current step (collective)."""
+        started = time.perf_counter()
+        path = save_checkpoint(
+            self.run_dir,
+            self.app,
+            self.runtime,
+            meta=self._checkpoint_meta(),
+            model_config=self.model_config.to_dict(),
+            keep_last=int(self.cfg.checkpoint.keep_last),
+        )
+        self._interval_start += time.perf_counter() - started
+        log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - started)
+        return path
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint, if any, and drop outputs of the interrupted attempt."""
+        if self.runtime.dist.is_main:
+            remove_partial_checkpoints(self.run_dir)
+            (self.run_dir / FINAL_FILE).unlink(missing_ok=True)  # written again when this run completes
+        barrier(self.runtime)
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            if self.runtime.dist.is_main:
+                truncate_metrics(self.run_dir, 0)  # lines of an attempt killed before its first checkpoint
+            return
+        if not self.cfg.checkpoint.resume:
+            msg = f"{path} exists but checkpoint.resume=false; set checkpoint.resume=true, or use a new run_dir"
+            raise ValueError(msg)
+        meta = check_complete(path)
+        self._check_compatible(path, meta)
+        load_checkpoint(path, self.app)
+        self.last_train_loss = meta.get("train_loss")
+        if self.runtime.dist.is_main:
+            truncate_metrics(self.run_dir, self.state.step)
+            log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
+        self._reset_interval()
+
+    def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
+        """The data order after resuming is the same only with the same seed, global batch and corpus."""
+        expected = {
+            "seed": ("seed", self.seed),
+            "global_batch_size": (
+                "data.micro_batch_size x world size x training.grad_accum_steps",
+                self.layout.global_batch_size,
+            ),
+            "train_cells": ("data.corpus", len(self.data.train)),
+        }
+        for key, (config_key, value) in expected.items():
+            if meta.get(key) != value:
+                msg = (
+                    f"cannot resume from {path}: it was trained with {key}={meta.get(key)} but this run has {value}; "
+                    f"keep {config_key} as it was, or start a new run_dir"
+                )
+                raise ValueError(msg)
+
+    def finish(self) -> None:
+        """Final validation, final checkpoint and ``final.json``."""
+        self.evaluate()
+        path = self.save()
+        if self.runtime.dist.is_main:
+            payload = {
+                "checkpoint": str(path.relative_to(self.run_dir)),
+                "step": self.state.step,
+                "train_loss": self.last_train_loss,
+                "validation_loss": self.last_validation.get("validation/loss"),
+                "validation_accuracy": self.last_validation.get("validation/accuracy"),
+            }
+            write_json_atomic(self.run_dir / FINAL_FILE, payload)
+        barrier(self.runtime)
+
+    def _start_metrics(self) -> MetricsLogger:
+        return MetricsLogger(
+            self.run_dir,
+            self.runtime,
+            wandb_cfg=to_container(self.cfg.wandb),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            console=bool(self.cfg.logging.console),
+        )
+
+    def _loss_or_nan(self) -> float:
+        return float("nan") if self.last_train_loss is None else float(self.last_train_loss)
+
+    def close(self) -> None:
+        """Close loggers and restore signal handlers (always called, also on errors)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        self.stop.restore()
