@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,14 @@ from typing import Any
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds.
 
-    Works for files and directories. On error the temporary path is removed and ``path`` is untouched.
+    Works for files and directories. On error the temporary path is removed and ``path`` is untouched;
+    temporaries of an earlier killed run for the same ``path`` are removed first (one writer per output,
+    as Snakemake guarantees).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run writing the same output
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp_target = tmp / target.name
     try:

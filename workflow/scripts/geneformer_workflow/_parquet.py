@@ -29,17 +29,32 @@ class ParquetSink:
         self._pending.append(self._pool.submit(self._writer.write_table, table))
 
     def close(self) -> None:
-        """Finish all writes and the file footer."""
+        """Finish all writes and the file footer; the first failed write's error is raised."""
         try:
-            for future in self._pending:
-                future.result()
-        finally:
-            self._pending.clear()
-            self._pool.shutdown(wait=True)
+            while self._pending:
+                self._pending.pop(0).result()
+        except BaseException:
+            self._abort()
+            raise
+        self._pool.shutdown(wait=True)
+        self._writer.close()
+
+    def _abort(self) -> None:
+        """Stop after a failure, keeping the original error (the partial file is discarded by the caller)."""
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
+        try:
             self._writer.close()
+        except Exception:
+            pass  # the failed write's error is the one being raised; a footer error here is a consequence
 
     def __enter__(self) -> ParquetSink:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()

@@ -7,6 +7,8 @@ gfw vocab gene_medians.tsv -o VOCAB_DIR [--preset v1|v2]
 gfw tokenize IN.h5ad OUT.parquet --token-dictionary PATH --gene-medians PATH --preset v1|v2
 gfw train [--config-name sanity] [hydra overrides ...]       (under torchrun for several processes)
 gfw export CHECKPOINT OUT_DIR [--vocab-dir VOCAB_DIR]
+gfw embed --model MODEL_DIR CORPUS.parquet [...] -o cells.h5ad [--layer -1] [--batch-size 16]
+gfw plot cell-lengths|training|umap|corpus-summary|configuration ...   (figures and tables of the report)
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``gfw`` (train and export parse their own arguments)."""
+    """The argparse parser of ``gfw`` (train, export, embed and plot parse their own arguments)."""
     parser = argparse.ArgumentParser(
         prog="gfw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     sub.add_parser("train", help="pretrain (Hydra config; run under torchrun for several processes)", add_help=False)
     sub.add_parser("export", help="export a checkpoint to a Hugging Face BertForMaskedLM directory", add_help=False)
+    sub.add_parser("embed", help="per-cell embeddings (AnnData obsm) from an exported model", add_help=False)
+    sub.add_parser("plot", help="figures and tables of the Snakemake report", add_help=False)
     return parser
 
 
@@ -240,12 +244,16 @@ def _run_tokenize(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gfw``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "export"):
+    if argv and argv[0] in ("train", "export", "embed", "plot"):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         if argv[0] == "train":
             from geneformer_workflow.train import cli_main
-        else:
+        elif argv[0] == "export":
             from geneformer_workflow.export import cli_main
+        elif argv[0] == "embed":
+            from geneformer_workflow.embed import cli_main
+        else:
+            from geneformer_workflow.plots import cli_main
         return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
@@ -253,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _run(args)
-    except (InputError, ValueError, FileNotFoundError) as err:
+    except (InputError, ValueError, OSError) as err:  # OSError: unreadable input, disk full, ...
         print(f"gfw {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
