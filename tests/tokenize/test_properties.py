@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_tokens_unique_ordered_bounded_with_specials_in_place(counts, medians, p
         # the documented value, with upstream's float64 order of operations
         inv_n = 1.0 / float(counts[i].sum())
         values = [((float(counts[i, gene_of[t]]) * inv_n) * 10_000.0) * (1.0 / medians[gene_of[t]]) for t in ids]
-        assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+        assert all(a >= b for a, b in pairwise(values))
         for a, b, va, vb in zip(ids, ids[1:], values, values[1:], strict=False):
             assert va > vb or a < b  # exact ties: ascending token id
 

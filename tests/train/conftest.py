@@ -1,8 +1,9 @@
 """Fixtures for the training tests: a synthetic vocabulary, corpora and helpers that run training.
 
-Two corpora, both seeded: ``small_corpus`` (short cells, for fast multi-run tests) and
+Two synthetic corpora, both seeded: ``small_corpus`` (short cells, for fast multi-run tests) and
 ``sanity_corpus`` (200 training + 24 validation cells of ~1,500 tokens, like a real V1 corpus).
 Cells are rank-value encodings: distinct gene tokens per cell, no special tokens (V1 style).
+``demo_corpus`` is the real one: the 200 PBMC cells of ``resources/demo`` tokenized by ``gfw``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from geneformer_workflow.train import compose_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "workflow" / "scripts"
+DEMO_H5AD = REPO / "resources" / "demo" / "pbmc_5k_protein_v3.h5ad"
 N_GENES = 3_000
 
 
@@ -133,6 +135,31 @@ def sanity_corpus(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> 
     lengths = np.clip(rng.normal(1500, 350, size=224), 300, 2048).astype(int)
     files = write_corpus(tmp_path_factory.mktemp("sanity_corpus"), lengths, seed=4, n_validation=24)
     return Corpus(files=files, vocab_dir=vocab_dir)
+
+
+def tokenize_demo(directory: Path) -> Corpus:
+    """Tokenize the demo h5ad like the workflow does (V1 preset, 5 % validation cells), with the ``gfw`` CLI.
+
+    The workflow's QC step is skipped: it keeps all 200 demo cells anyway. About 6 s.
+    """
+    gfw = [sys.executable, "-m", "geneformer_workflow"]
+    medians, vocab, corpus = directory / "gene_medians.tsv", directory / "vocab", directory / "corpus.parquet"
+    commands = [
+        [*gfw, "medians", str(DEMO_H5AD), "-o", str(medians)],
+        [*gfw, "vocab", str(medians), "-o", str(vocab), "--preset", "v1"],
+        [*gfw, "tokenize", str(DEMO_H5AD), str(corpus), "--token-dictionary", str(vocab),
+         "--gene-medians", str(medians), "--preset", "v1", "--validation-fraction", "0.05"],
+    ]  # fmt: skip
+    for command in commands:
+        proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"
+    return Corpus(files=[corpus], vocab_dir=vocab)
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """The 200 real PBMC cells of resources/demo (185 training, 15 validation; median 1,679 tokens)."""
+    return tokenize_demo(tmp_path_factory.mktemp("demo_corpus"))
 
 
 # Fast settings for tests on the small corpus: short cells, tiny batches, frequent logs.

@@ -46,6 +46,12 @@ def test_fp8_without_te_names_the_fix():
         validate_config(compose_config("sanity", [*REQUIRED, "fp8.enabled=true"]))
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "fast"], ids=["zero", "negative", "text"])
+def test_peak_tflops_must_be_positive_or_null(value):
+    with pytest.raises(ValueError, match=r"logging\.peak_tflops"):
+        validate_config(compose_config("sanity", [*REQUIRED, f"logging.peak_tflops={value}"]))
+
+
 def test_unknown_config_name_lists_the_choices(tmp_path):
     with pytest.raises(ValueError, match="sanity"):
         compose_config("nope", [])

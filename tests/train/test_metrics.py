@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from geneformer_workflow.model import GeneformerForMaskedLM, ModelConfig
 from geneformer_workflow.train.distributed import DistributedConfig, Runtime
-from geneformer_workflow.train.metrics import MetricsLogger, format_line, start_wandb, truncate_metrics
-from torch import device
+from geneformer_workflow.train.metrics import (
+    MetricsLogger,
+    format_line,
+    model_flops,
+    peak_flops,
+    start_wandb,
+    throughput_metrics,
+    truncate_metrics,
+)
+from torch import device, nn
 
 
 def runtime(rank: int) -> Runtime:
@@ -37,3 +47,27 @@ def test_wandb_mode_env_variable_wins_over_the_config(tmp_path, monkeypatch):
 def test_console_line_shows_the_main_metrics():
     line = format_line(7, {"train/loss": 2.0, "train/learning_rate": 1e-3, "validation/loss": 1.9})
     assert line == "step 7 | loss 2.0000 | lr 1.00e-03 | val_loss 1.9000"
+
+
+def test_model_flops_are_six_per_weight_per_token_plus_attention():
+    cfg = ModelConfig.from_preset("sanity", vocab_size=1_000, max_position_embeddings=64)
+    model = GeneformerForMaskedLM(cfg)
+    layer_weights = sum(m.weight.numel() for m in model.encoder_layers.modules() if isinstance(m, nn.Linear))
+    head = model.cls.predictions
+    head_weights = head.transform.dense.weight.numel() + head.decoder.weight.numel()
+    lengths, masked = [10, 30], 6
+    expected = (
+        6 * layer_weights * sum(lengths)  # every dense layer weight: one multiply-add per token, x3 for backward
+        + 12 * cfg.num_hidden_layers * cfg.hidden_size * sum(t * t for t in lengths)  # QK^T and AV
+        + 6 * head_weights * masked  # the MLM head runs on masked tokens only
+    )
+    got = model_flops(cfg.to_dict(), n_tokens=sum(lengths), sum_sq_lengths=sum(t * t for t in lengths), n_masked=6)
+    assert got == expected
+
+
+def test_mfu_needs_a_known_peak():
+    assert peak_flops(device("cpu")) is None
+    assert peak_flops(device("cpu"), 2.5) == pytest.approx(2.5e12)
+    assert throughput_metrics(4e12, 2.0, 2, None) == {"train/tflops_per_second_per_rank": 1.0}
+    got = throughput_metrics(4e12, 2.0, 2, 4e12)
+    assert got == pytest.approx({"train/tflops_per_second_per_rank": 1.0, "train/mfu": 25.0})

@@ -19,17 +19,21 @@ TRAIN_METRICS = {
     "train/tokens_per_second",
     "train/unpadded_tokens_per_second",
     "train/cpu_max_rss_gb",
+    "train/tflops_per_second_per_rank",
+    "train/mfu",
 }
 
 
 def test_main_returns_the_last_loss_and_writes_metrics_and_final_json(small_corpus, tmp_path):
-    loss = main(compose(small_corpus, tmp_path, "training.max_steps=6", "logging.eval_every=3"))
+    overrides = ("training.max_steps=6", "logging.eval_every=3", "logging.peak_tflops=0.5")
+    loss = main(compose(small_corpus, tmp_path, *overrides))
     records = read_metrics(tmp_path)
     train = [r for r in records if "train/loss" in r]
     validation = [r for r in records if "validation/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert TRAIN_METRICS <= set(train[-1])
     assert train[-1]["train/unpadded_tokens_per_second"] <= train[-1]["train/tokens_per_second"]
+    assert train[-1]["train/mfu"] == pytest.approx(100 * train[-1]["train/tflops_per_second_per_rank"] / 0.5)
     assert [r["step"] for r in validation] == [3, 6]
     assert 0.0 <= validation[-1]["validation/accuracy"] <= 1.0
     final = json.loads((tmp_path / "final.json").read_text())

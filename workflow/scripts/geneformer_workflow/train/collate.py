@@ -20,6 +20,7 @@ class Batch:
         labels: (B, T) int64, original ids where masked, ``IGNORE_INDEX`` elsewhere.
         n_tokens: Real (unpadded) tokens in the batch.
         n_masked: Tokens that count in the loss.
+        sum_sq_lengths: Sum over cells of (real length)², for the attention FLOPs of the MFU metric.
     """
 
     input_ids: torch.Tensor
@@ -27,6 +28,7 @@ class Batch:
     labels: torch.Tensor
     n_tokens: int
     n_masked: int
+    sum_sq_lengths: int = 0
 
     @property
     def n_padded_tokens(self) -> int:
@@ -41,6 +43,7 @@ class Batch:
             labels=self.labels.to(device, non_blocking=True),
             n_tokens=self.n_tokens,
             n_masked=self.n_masked,
+            sum_sq_lengths=self.sum_sq_lengths,
         )
 
 
@@ -93,4 +96,5 @@ class Collator:
             labels=torch.from_numpy(labels),
             n_tokens=int(attention.sum()),
             n_masked=int((labels != IGNORE_INDEX).sum()),
+            sum_sq_lengths=sum(int(p[0].shape[0]) ** 2 for p in pairs),
         )

@@ -83,6 +83,10 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.training.max_grad_norm is not None and cfg.training.max_grad_norm <= 0:
         msg = f"training.max_grad_norm={cfg.training.max_grad_norm} must be > 0, or null to turn clipping off"
         raise ValueError(msg)
+    peak = cfg.logging.get("peak_tflops")
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
+        msg = f"logging.peak_tflops={peak!r} must be a positive number (TFLOP/s), or null to look it up"
+        raise ValueError(msg)
     if cfg.wandb.mode not in {"online", "offline", "disabled"}:
         msg = f"wandb.mode={cfg.wandb.mode!r} is not one of online, offline, disabled"
         raise ValueError(msg)

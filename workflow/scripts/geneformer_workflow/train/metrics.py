@@ -16,6 +16,10 @@ Names and units (one JSON object per line, always with ``"step"``):
 ``train/epoch``                             epoch of the last step (0-based)
 ``train/cpu_max_rss_gb``                    peak resident memory of rank 0 (GB = 1e9 bytes)
 ``train/gpu_memory_allocated_max_gb``       peak CUDA memory allocated on rank 0 (GPU runs only)
+``train/tflops_per_second_per_rank``        model FLOPs (:func:`model_flops`) per second per rank, in TFLOP/s
+``train/mfu``                               model FLOPs utilisation in percent: the above / the device's peak
+                                            dense bf16 FLOP/s (CUDA devices in :data:`PEAK_BF16_FLOPS`, or
+                                            ``logging.peak_tflops``; absent when the peak is unknown)
 ``validation/loss``                         cross-entropy on the validation cells' fixed masks
 ``validation/accuracy``                     fraction of masked validation tokens predicted exactly (argmax)
 ``validation/masked_tokens``                masked tokens evaluated
@@ -32,6 +36,7 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,78 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
+
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s from NVIDIA's data sheets, matched in this order against
+# torch.cuda.get_device_name() (e.g. "NVIDIA H100 80GB HBM3" is the SXM part).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989.4e12),
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100 NVL", 835.5e12),
+    ("H100", 989.4e12),
+    ("H800", 989.4e12),
+    ("A100", 312.0e12),
+    ("A800", 312.0e12),
+    ("B200", 2250.0e12),
+    ("L40S", 362.05e12),
+)
+
+
+def model_flops(shape: Mapping[str, int], *, n_tokens: int, sum_sq_lengths: int, n_masked: int) -> float:
+    """Model FLOPs of one forward + backward pass over a micro-batch (MFU's numerator).
+
+    The usual count (Kaplan et al. 2020, "Scaling laws", 6 FLOPs per parameter and token; PaLM, Chowdhery et al.
+    2022, Appendix B, for the attention term and the definition of MFU; nanoGPT's ``estimate_mfu``): a multiply-add
+    is 2 FLOPs and the backward pass costs twice the forward, hence the factors 6 and 12. With L layers, width H,
+    FFN width I, vocabulary V and cells of real length t:
+
+    * dense layers, per real token: ``6 · L · (4·H² + 2·H·I)`` (Q, K, V, output projection and the two FFN matrices);
+    * attention scores and values, per cell: ``12 · L · H · t²`` (bidirectional, so the full t × t matrix);
+    * MLM head, per masked token only (the model runs the head on masked positions): ``6 · (H² + H·V)``.
+
+    Padding, embedding look-ups, LayerNorms, softmax and the recomputation of activation checkpointing are not
+    counted: MFU measures useful work, not what the hardware ran.
+
+    Args:
+        shape: ``num_hidden_layers``, ``hidden_size``, ``intermediate_size``, ``vocab_size`` (a ``ModelConfig``
+            as a dict, or the ``model`` config block).
+        n_tokens: Real (unpadded) tokens.
+        sum_sq_lengths: Sum of the squared real lengths of the cells.
+        n_masked: Masked tokens (rows of the MLM head).
+
+    Example:
+        >>> model_flops({"num_hidden_layers": 1, "hidden_size": 2, "intermediate_size": 4, "vocab_size": 10},
+        ...             n_tokens=3, sum_sq_lengths=9, n_masked=1)
+        936.0
+    """
+    layers, hidden = int(shape["num_hidden_layers"]), int(shape["hidden_size"])
+    ffn, vocab = int(shape["intermediate_size"]), int(shape["vocab_size"])
+    dense = 6.0 * layers * (4 * hidden * hidden + 2 * hidden * ffn) * n_tokens
+    attention = 12.0 * layers * hidden * sum_sq_lengths
+    head = 6.0 * (hidden * hidden + hidden * vocab) * n_masked
+    return dense + attention + head
+
+
+def peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of one device: ``peak_tflops`` if given, else looked up for CUDA devices.
+
+    Returns None (no MFU metric) for CPUs and unknown GPUs unless ``peak_tflops`` is set.
+    """
+    if peak_tflops is not None:
+        return float(peak_tflops) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def throughput_metrics(flops: float, elapsed_s: float, world_size: int, peak: float | None) -> dict[str, float]:
+    """``train/tflops_per_second_per_rank`` and, when the peak is known, ``train/mfu`` (percent)."""
+    per_rank = flops / max(elapsed_s, 1e-9) / world_size
+    out = {"train/tflops_per_second_per_rank": per_rank / 1e12}
+    if peak:
+        out["train/mfu"] = 100.0 * per_rank / peak
+    return out
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
@@ -112,6 +189,7 @@ def format_line(step: int, metrics: dict[str, float]) -> str:
         "train/grad_norm": "grad_norm {:.3f}",
         "train/step_time": "{:.3f} s/step",
         "train/unpadded_tokens_per_second": "{:,.0f} tok/s",
+        "train/mfu": "mfu {:.1f}%",
         "train/cpu_max_rss_gb": "rss {:.2f} GB",
         "train/gpu_memory_allocated_max_gb": "gpu {:.2f} GB",
         "validation/loss": "val_loss {:.4f}",

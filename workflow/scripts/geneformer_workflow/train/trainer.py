@@ -31,11 +31,12 @@ from .checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
+from .collate import Batch
 from .config import data_settings, model_fields, to_container
 from .data import load_training_data
 from .distributed import Runtime, all_reduce_sum, barrier
 from .masking import IGNORE_INDEX
-from .metrics import MetricsLogger, memory_metrics, truncate_metrics
+from .metrics import MetricsLogger, memory_metrics, model_flops, peak_flops, throughput_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
 from .parallel import (
     autocast_context,
@@ -95,6 +96,8 @@ class Trainer:
             vocab_size=self.vocab.size, pad_token_id=self.vocab.pad_id, **model_fields(cfg)
         )
         self.model, self.optimizer = self._build_model_and_optimizer()
+        self.peak_flops = self._peak_flops()
+        self._model_shape = self.model_config.to_dict()  # for model_flops
         # After wrapping: FSDP2 swaps parameters for DTensors and megatron-fsdp replaces the optimizer.
         self.scheduler = build_scheduler(self.optimizer, **to_container(cfg.scheduler))
         self.state = TrainState()
@@ -127,6 +130,13 @@ class Trainer:
             model = model.to(self.runtime.device)
         return model, build_optimizer(model, **opt_kwargs)
 
+    def _peak_flops(self) -> float | None:
+        """Peak FLOP/s of one device for ``train/mfu`` (warns once on a GPU whose peak is unknown)."""
+        peak = peak_flops(self.runtime.device, self.cfg.logging.get("peak_tflops"))
+        if peak is None and self.runtime.device.type == "cuda" and self.runtime.dist.is_main:
+            log.warning("no peak FLOP/s known for this GPU, so no train/mfu metric; set logging.peak_tflops")
+        return peak
+
     # ------------------------------------------------------------------ main loop
     def train(self) -> float:
         """Resume if possible, train to ``max_steps``, validate, checkpoint; returns the last train loss."""
@@ -157,7 +167,8 @@ class Trainer:
         epoch, batches = self.data.train_micro_batches(step, rank)
         local = [sum(b.n_masked for b in batches), float(self.stop.requested)]
         local += [sum(b.n_tokens for b in batches), sum(b.n_padded_tokens for b in batches)]
-        masked, stop, tokens, padded = all_reduce_sum(local, self.runtime)
+        local += [sum(self._batch_flops(b) for b in batches)]
+        masked, stop, tokens, padded, flops = all_reduce_sum(local, self.runtime)
         if stop > 0:
             return False
         torch.manual_seed(step_seed(self.seed, step, rank))
@@ -181,8 +192,18 @@ class Trainer:
         self._masked += masked
         self._tokens += tokens
         self._padded += padded
+        self._flops += flops
         self._steps += 1
         return True
+
+    def _batch_flops(self, batch: Batch) -> float:
+        """Model FLOPs of one micro-batch's forward and backward (host integers only, no device sync)."""
+        return model_flops(
+            self._model_shape,
+            n_tokens=batch.n_tokens,
+            sum_sq_lengths=batch.sum_sq_lengths,
+            n_masked=batch.n_masked,
+        )
 
     def _clip_gradients(self) -> torch.Tensor | None:
         max_norm = self.cfg.training.max_grad_norm
@@ -194,7 +215,7 @@ class Trainer:
     # ------------------------------------------------------------------ metrics and validation
     def _reset_interval(self) -> None:
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
-        self._masked = self._tokens = self._padded = 0.0
+        self._masked = self._tokens = self._padded = self._flops = 0.0
         self._steps = 0
         self._grad_norm: torch.Tensor | None = None
         self._interval_start = time.perf_counter()
@@ -214,6 +235,7 @@ class Trainer:
             "train/tokens_seen": self.state.tokens_seen,
             "train/epoch": self.state.epoch,
             **memory_metrics(self.runtime.device),
+            **throughput_metrics(self._flops, elapsed, self.runtime.dist.world_size, self.peak_flops),
         }
         if self._grad_norm is not None:
             norm = self._grad_norm
