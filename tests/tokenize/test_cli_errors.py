@@ -42,6 +42,18 @@ def _bad_file(tmp_path, case):
         write_counts_h5ad(path, COUNTS, ["CD3E", "CD4", "MS4A1", "LYZ"])
     elif case == "all-filtered":
         write_counts_h5ad(path, COUNTS, GENES, obs=pd.DataFrame({"filter_pass": [0, 0, 0]}))
+    elif case == "duplicate-cells":
+        write_counts_h5ad(path, COUNTS, GENES, cell_ids=["a", "b", "a"])
+    elif case == "n_counts-too-small":
+        write_counts_h5ad(path, COUNTS, GENES, obs=pd.DataFrame({"n_counts": [9.0, 1.0, 6.0]}))
+    elif case == "n_counts-zero":
+        write_counts_h5ad(path, COUNTS, GENES, obs=pd.DataFrame({"n_counts": [0.0, 3.0, 6.0]}))
+    elif case == "n_counts-nan":
+        write_counts_h5ad(path, COUNTS, GENES, obs=pd.DataFrame({"n_counts": [np.nan, 3.0, 6.0]}))
+    elif case == "no-cells":
+        write_counts_h5ad(path, COUNTS[:0], GENES)
+    else:  # cases whose file is fine and whose arguments are wrong
+        write_counts_h5ad(path, COUNTS, GENES)
     return path
 
 
@@ -54,7 +66,32 @@ CASES = {
     "transposed": "transposed",
     "symbols": "gene ids is in the vocabulary",
     "all-filtered": "all 3 cells are filtered out",
+    "duplicate-cells": "duplicate cell ids",
+    "n_counts-too-small": "n_counts'] is inconsistent",
+    "n_counts-zero": "n_counts'] is inconsistent",
+    "n_counts-nan": "n_counts'] is inconsistent",
+    "no-cells": "the count matrix is empty",
+    "medians-from-another-vocabulary": "come from different vocabularies",
+    "v2-preset-with-v1-vocabulary": "needs <cls> and <eos>",
+    "rows-outside-file": "outside the file's 3 cells",
+    "qc-table-of-another-file": "QC table does not list the cells",
 }
+
+
+def _extra_args(tmp_path, case):
+    if case == "medians-from-another-vocabulary":
+        other = tmp_path / "other_medians.tsv"
+        other.write_text("ensembl_id\tmedian\nENSG00000099999\t1.0\n")
+        return ["--gene-medians", other]
+    if case == "v2-preset-with-v1-vocabulary":
+        return ["--preset", "v2"]
+    if case == "rows-outside-file":
+        return ["--rows", "2:9"]
+    if case == "qc-table-of-another-file":
+        qc = tmp_path / "qc.tsv"
+        qc.write_text("cell_id\tfilter_pass\nx\t1\ny\t1\nz\t1\n")
+        return ["--cell-filter", qc]
+    return []
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -63,11 +100,13 @@ def test_tokenize_refuses_bad_input_cleanly(tmp_path, medians_tsv, case):
     vocab = tmp_path / "vocab"
     assert gfw("vocab", medians_tsv, "-o", vocab, cwd=tmp_path).returncode == 0
     out = tmp_path / "out" / "corpus.parquet"
-    result = gfw("tokenize", h5ad, out, "--token-dictionary", vocab, "--gene-medians", medians_tsv, cwd=tmp_path)
+    args = ["--token-dictionary", vocab, "--gene-medians", medians_tsv, *_extra_args(tmp_path, case)]
+    result = gfw("tokenize", h5ad, out, *args, cwd=tmp_path)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("gfw tokenize: error:")
-    assert str(h5ad) in error and CASES[case] in error
+    assert CASES[case] in error
+    assert str(h5ad) in error or "--" in error or "preset" in error
     out_dir = tmp_path / "out"
     assert not out_dir.exists() or not any(out_dir.iterdir())
 

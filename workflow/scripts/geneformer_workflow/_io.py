@@ -143,6 +143,13 @@ class H5adCounts:
                 "write it as cells x genes (adata.T)"
             )
             raise self._error(msg)
+        duplicated = self.obs.index.duplicated()
+        if duplicated.any():
+            msg = (
+                f"{int(duplicated.sum())} duplicate cell ids (e.g. {self.obs.index[duplicated][0]!r}); cell ids name "
+                "the corpus rows, so make them unique (adata.obs_names_make_unique())"
+            )
+            raise self._error(msg)
 
     # -- reading ------------------------------------------------------------------------------
     def iter_chunks(self, chunk_size: int = 2048, *, start: int = 0, stop: int | None = None) -> Iterator[CountChunk]:
@@ -204,10 +211,25 @@ class H5adCounts:
         raise self._error(msg)
 
     def n_counts(self, chunk: CountChunk) -> np.ndarray:
-        """Total counts per cell over ALL genes: ``obs["n_counts"]`` when present, else the row sums."""
-        if "n_counts" in self.obs.columns:
-            return self.obs["n_counts"].to_numpy(dtype=np.float64)[chunk.start : chunk.stop]
-        return np.asarray(chunk.matrix.sum(axis=1), dtype=np.float64).ravel()
+        """Total counts per cell over ALL genes: ``obs["n_counts"]`` when present, else the row sums.
+
+        A given ``n_counts`` must be finite and at least the cell's counts in the file (it also counts
+        genes the file may lack), else the values would be wrong: that is an error naming the cell.
+        """
+        row_sums = np.asarray(chunk.matrix.sum(axis=1), dtype=np.float64).ravel()
+        if "n_counts" not in self.obs.columns:
+            return row_sums
+        n_counts = self.obs["n_counts"].to_numpy(dtype=np.float64)[chunk.start : chunk.stop]
+        bad = ~np.isfinite(n_counts) | (n_counts < row_sums * (1 - 1e-6))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            msg = (
+                f"obs['n_counts'] is inconsistent with the counts: cell {self.obs.index[chunk.start + i]!r} has "
+                f"n_counts {n_counts[i]:g} but {row_sums[i]:g} counts in the matrix; n_counts must be the total "
+                "over all genes of the raw counts (drop the column to have it computed)"
+            )
+            raise self._error(msg)
+        return n_counts
 
     def close(self) -> None:
         """Close the HDF5 file."""

@@ -213,6 +213,12 @@ def tokenize_h5ad(
         stats = TokenizeStats(
             start, stop, n_cells_input=stop - start, genes_in_file=len(set(ids)), genes_matched=ranker.n_genes
         )
+        if ranker.n_genes == 0 and any(g in token_dictionary for g in ids):
+            msg = (
+                f"{reader.path}: its genes are in the token dictionary but none has a gene median; the token "
+                "dictionary and the gene medians come from different vocabularies — pass the matching pair"
+            )
+            raise InputError(msg)
         if ranker.n_genes == 0:
             msg = (
                 f"{reader.path}: none of its {stats.genes_in_file} gene ids is in the vocabulary "
