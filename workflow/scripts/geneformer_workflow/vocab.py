@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,7 @@ from geneformer_workflow._pickle import load_plain_pickle
 from geneformer_workflow.presets import CLS, EOS, MASK, PAD, Preset
 
 TOKEN_DICTIONARY = "token_dictionary.json"
+GENEFORMER_TOKEN_DICTIONARY = "token_dictionary.pkl"
 
 
 def build_token_dictionary(gene_ids: list[str] | pd.Index, preset: Preset) -> dict[str, int]:
@@ -67,7 +69,7 @@ def token_dictionary_sha256(tokens: dict[str, int]) -> str:
 
 
 def write_vocab_dir(tokens: dict[str, int], out_dir: str | Path, *, max_length: int) -> Path:
-    """Write ``token_dictionary.json`` and the Hugging Face tokenizer files into ``out_dir`` atomically.
+    """Write ``token_dictionary.json`` (+ Geneformer's ``.pkl`` form) and the HF tokenizer files, atomically.
 
     ``transformers.AutoTokenizer.from_pretrained(out_dir)`` loads it (a ``BertTokenizer`` over the
     gene ids; unknown genes map to ``<pad>``, so they are ignored like absent genes).
@@ -90,6 +92,9 @@ def write_vocab_dir(tokens: dict[str, int], out_dir: str | Path, *, max_length: 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         (tmp / TOKEN_DICTIONARY).write_text(json.dumps(tokens, indent=0) + "\n")
+        # Geneformer's own tools take `token_dictionary_file=` as a pickled plain dict.
+        with open(tmp / GENEFORMER_TOKEN_DICTIONARY, "wb") as fh:
+            pickle.dump(dict(tokens), fh, protocol=4)
         (tmp / "vocab.txt").write_text("\n".join(ordered) + "\n")
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
