@@ -88,10 +88,15 @@ def test_only_the_newest_checkpoints_are_kept(small_corpus, tmp_path):
     assert [s for s, _ in step_dirs(tmp_path)] == [3, 4]
 
 
-def test_resume_refuses_a_different_global_batch(small_corpus, tmp_path):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [("data.micro_batch_size=4", "global_batch_size"), ("data.window_batches=8", "data.window_batches")],
+    ids=["global-batch", "length-window"],
+)
+def test_resume_refuses_a_different_data_order(small_corpus, tmp_path, change, message):
     main(compose(small_corpus, tmp_path, "training.max_steps=2"))
-    with pytest.raises(ValueError, match="global_batch_size"):
-        main(compose(small_corpus, tmp_path, "training.max_steps=4", "data.micro_batch_size=4"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        main(compose(small_corpus, tmp_path, "training.max_steps=4", change))
 
 
 def test_existing_checkpoints_with_resume_off_is_an_error(small_corpus, tmp_path):

@@ -1,4 +1,5 @@
 import glob
+import os
 import re
 import sys
 from pathlib import Path
@@ -136,3 +137,55 @@ def existing_dictionary_option():
 
 
 PRESET_MAX_LENGTH = {"v1": 2048, "v2": 4096}[config["tokenize"]["preset"]]
+
+
+# ---- the pretraining job (docs/slurm.md) ----------------------------------------------------------
+PRETRAIN_SHAPE_KEYS = ("nodes", "gpus_per_node", "nproc_per_node", "cpus_per_node", "mem_mb", "runtime")
+
+
+def get_pretrain_job():
+    """Job shape of pretrain_model: the model size's row of pretrain.sizes, then every pretrain.<key> set."""
+    pretrain = config["pretrain"]
+    job = dict(pretrain["sizes"].get(MODEL, {}))
+    # int(): --config 'pretrain={"nodes": 2}' passes nested values as text (the schema allows digits only)
+    job.update({key: int(pretrain[key]) for key in PRETRAIN_SHAPE_KEYS if pretrain.get(key) is not None})
+    missing = [f"pretrain.{key}" for key in PRETRAIN_SHAPE_KEYS if job.get(key) is None]
+    if missing:
+        raise ValueError(f"config 'pretrain': no job shape for model {MODEL!r}: add pretrain.sizes.{MODEL} or set {missing}")
+    # SLURM task slots per node: one per torchrun process, but at least 2, because the SLURM executor
+    # plugin refuses srun-launched ("mpi") jobs with one task per node. They only size the allocation:
+    # the training step is one task per node holding all of the node's CPUs (get_pretrain_launch).
+    job["tasks_per_node"] = max(job["nproc_per_node"], 2)
+    job["cpus_per_task"] = -(-job["cpus_per_node"] // job["tasks_per_node"])
+    gpu_type = pretrain.get("gpu_type")
+    gpus = job["gpus_per_node"]
+    # Per node, as sbatch --gres expects; None = no GRES request (CPU training).
+    job["gres"] = (f"gpu:{gpu_type}:{gpus}" if gpu_type else f"gpu:{gpus}") if gpus else None
+    return job
+
+
+def use_srun():
+    """Start torchrun through srun: launcher=srun, or launcher=auto inside a SLURM job (a SLURM executor job)."""
+    launcher = config["pretrain"]["launcher"]
+    return launcher == "srun" or (launcher == "auto" and "SLURM_JOB_ID" in os.environ)
+
+
+def get_pretrain_launch(wildcards, resources):
+    """srun that starts torchrun_node.sh once per node of the job; empty on one machine (torchrun --standalone)."""
+    if not use_srun():
+        return ""
+    options = [
+        f"--nodes={resources.nodes}",
+        f"--ntasks={resources.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={resources.tasks_per_node * resources.cpus_per_task}",
+        "--kill-on-bad-exit=1",  # one node failing stops the others instead of leaving them in a collective
+    ]
+    if resources.get("gres"):
+        options.append(f"--gres={resources.gres}")
+    if resources.nodes > 1:
+        options.append("--label")  # prefix each log line with the task (= node) number
+    return "srun " + " ".join(options)
+
+
+PRETRAIN_JOB = get_pretrain_job()

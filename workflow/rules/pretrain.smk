@@ -1,8 +1,11 @@
 rule pretrain_model:
     """Pretrain the masked-LM with torchrun (FSDP2 on CPU, see config/train/); resumes from its checkpoints.
 
-    Only final.json is an output: the checkpoints beside it survive a failed or killed run, and the
-    next run resumes from the latest one.
+    Only final.json is an output: the checkpoints beside it survive a failed, killed or preempted job,
+    and the next attempt resumes from the latest one. The job shape (nodes, GPUs, CPUs, memory, time)
+    comes from pretrain.sizes for the model size. Inside a SLURM job (the SLURM executor's jobs) srun
+    starts workflow/scripts/torchrun_node.sh once per node, and they meet at a c10d rendezvous; on one
+    machine it runs torchrun --standalone (docs/slurm.md).
     """
     input:
         corpus=get_corpus_shards(),
@@ -16,25 +19,38 @@ rule pretrain_model:
     params:
         python=PYTHON,
         scripts=SCRIPTS_DIR,
+        launch=get_pretrain_launch,
+        node_launcher=SCRIPTS_DIR / "torchrun_node.sh",
+        nproc=PRETRAIN_JOB["nproc_per_node"],
         run_dir=subpath(output.final, parent=True),
         config_dir=TRAIN_CONFIG_DIR,
-        nproc=lookup(dpath="pretrain/nproc_per_node", within=config),
         corpus=lambda wildcards, input: ",".join(input.corpus),
         overrides=" ".join(f"'{o}'" for o in config["pretrain"]["overrides"]),
         max_length=PRESET_MAX_LENGTH,
-    threads: lookup(dpath="pretrain/threads", within=config)
+    threads: PRETRAIN_JOB["cpus_per_node"]
     resources:
-        mem_mb=lookup(dpath="pretrain/mem_mb", within=config),
-        runtime=lookup(dpath="pretrain/runtime", within=config),
-        gpu=lookup(dpath="pretrain/gpus", within=config),
+        # Per node: SLURM's --mem is per node, and every node runs the same share of the work.
+        mem_mb=PRETRAIN_JOB["mem_mb"],
+        runtime=PRETRAIN_JOB["runtime"],
+        nodes=PRETRAIN_JOB["nodes"],
+        gres=PRETRAIN_JOB["gres"],
+        # The SLURM executor runs the job's shell directly in the batch step instead of under `srun -n1`,
+        # so the shell's own srun gets the whole allocation and SLURM's signals reach only the training step.
+        mpi="srun",
+        tasks_per_node=PRETRAIN_JOB["tasks_per_node"],
+        cpus_per_task=PRETRAIN_JOB["cpus_per_task"],
     conda:
         "../../envs/pretrain.yaml"
     shell:
         "PYTHONPATH={params.scripts}${{PYTHONPATH:+:$PYTHONPATH}} OMP_NUM_THREADS=1 "
-        "{params.python} -m torch.distributed.run --standalone --nproc_per_node {params.nproc} "
+        "{params.launch} bash {params.node_launcher} {resources.nodes} {params.nproc} {params.python} "
         "-m geneformer_workflow train --config-dir {params.config_dir} --config-name {wildcards.model} "
         "'data.corpus=[{params.corpus}]' data.vocab_dir={input.vocab} data.max_length={params.max_length} "
-        "run_dir={params.run_dir} {params.overrides} > {log} 2>&1"
+        "run_dir={params.run_dir} {params.overrides} > {log} 2>&1\n"
+        # A stop signal (time limit, preemption) ends training with a checkpoint and exit code 0 but no
+        # final.json: fail the job with a clear message, so that a retry (or rerun) resumes.
+        "test -s {output.final} || {{ echo 'pretrain_model: stopped before training.max_steps (stop signal);"
+        " a checkpoint was saved and the next attempt resumes from it' | tee -a {log} >&2; exit 1; }}"
 
 
 rule export_model:

@@ -149,8 +149,12 @@ def gradient_sync(model: nn.Module, backend: str, *, sync: bool) -> Iterator[Non
 def autocast_context(
     backend: str, device: torch.device, compute_dtype: torch.dtype
 ) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the backends without their own mixed-precision policy (none, ddp) on GPU."""
-    if compute_dtype == torch.float32 or backend in {"fsdp2", "mfsdp"}:
+    """bf16 autocast on GPU for every backend but FSDP2, whose ``MixedPrecisionPolicy`` casts the parameters.
+
+    megatron-fsdp 0.6.1's ``MixedPrecisionPolicy`` only sets the main-weight and gradient dtypes: it computes in
+    the dtype of the model's own parameters (fp32 here), so bf16 compute needs autocast there too.
+    """
+    if compute_dtype == torch.float32 or backend == "fsdp2":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=compute_dtype)
 

@@ -288,6 +288,7 @@ class Trainer:
             "backend": self.backend,
             "vocab_dir": str(Path(self.cfg.data.vocab_dir).resolve()),
             "train_cells": len(self.data.train),
+            "window_batches": self.data.sampler.window_batches,
             "train_loss": self.last_train_loss,
         }
 
@@ -338,8 +339,11 @@ class Trainer:
                 self.layout.global_batch_size,
             ),
             "train_cells": ("data.corpus", len(self.data.train)),
+            "window_batches": ("data.window_batches", self.data.sampler.window_batches),
         }
         for key, (config_key, value) in expected.items():
+            if key == "window_batches" and key not in meta:
+                continue  # checkpoints written before the key existed
             if meta.get(key) != value:
                 msg = (
                     f"cannot resume from {path}: it was trained with {key}={meta.get(key)} but this run has {value}; "

@@ -1,0 +1,80 @@
+"""benchmarks/gpu_check.py: its CPU dry run exercises every section; a failing section does not stop the others."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, subprocess_env
+
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+SECTIONS = ["environment", "tests", "backends", "throughput", "memory_4b"]
+
+
+def load_script():
+    """The benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_check(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the script into ``tmp_path/out``; returns the process and the JSON report."""
+    command = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), *args]
+    proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    report_file = tmp_path / "out" / "gpu_check.json"
+    assert report_file.is_file(), f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc, json.loads(report_file.read_text())
+
+
+@pytest.mark.slow
+def test_dry_run_exercises_every_section_on_cpu(small_corpus, tmp_path):
+    corpus = ["--corpus", *map(str, small_corpus.files), "--vocab-dir", str(small_corpus.vocab_dir)]
+    proc, report = run_check(tmp_path, "--dry-run", *corpus)
+    sections = report["sections"]
+    assert proc.returncode == 0, "\n".join(report["summary"]) + json.dumps(sections, indent=1)[-4000:]
+    assert list(sections) == SECTIONS
+    assert {n: s["status"] for n, s in sections.items()} == {n: "skipped" if n == "tests" else "ok" for n in SECTIONS}
+    backends = sections["backends"]["result"]
+    assert backends["mfsdp"] == {"status": "skipped", "reason": "megatron-fsdp needs CUDA"}
+    assert backends["fsdp2"]["resumed_to"] == 4 and backends["fsdp2"]["max_loss_difference_vs_none"] < 1e-5
+    throughput = sections["throughput"]["result"]
+    assert throughput["sanity"]["tokens_per_second"] > 0
+    assert throughput["engine"]["metrics"]["train/mfu"] > 0  # the dry run sets logging.peak_tflops=1
+    assert [c["micro_batch"] for c in sections["memory_4b"]["result"]["cases"]] == [1, 2, 1, 1]
+    assert "# Summary" in proc.stdout and (tmp_path / "out" / "gpu_check.md").is_file()
+
+
+def test_failing_sections_are_recorded_and_the_rest_still_run(tmp_path):
+    # --device cuda on a machine without CUDA: both sections fail, each in its own process, and the report is written.
+    if importlib.util.find_spec("torch") and __import__("torch").cuda.is_available():
+        pytest.skip("checks the failure path; this machine has CUDA")
+    proc, report = run_check(tmp_path, "--device", "cuda", "--sections", "environment", "memory_4b")
+    assert proc.returncode == 1
+    assert {n: s["status"] for n, s in report["sections"].items()} == {"environment": "failed", "memory_4b": "failed"}
+    assert "no CUDA device" in report["sections"]["environment"]["error"]
+    assert (tmp_path / "out" / "gpu_check.log").read_text().count("===== section") == 2
+
+
+def test_root_cause_skips_torchrun_boilerplate():
+    log = "Traceback\nValueError: data.corpus entry 'x' matches no parquet file\nChildFailedError: \n  exitcode: 1"
+    assert load_script().root_cause(log) == "ValueError: data.corpus entry 'x' matches no parquet file"
+
+
+def test_synthetic_corpus_trains_without_a_tokenized_demo(tmp_path):
+    module = load_script()
+    directory = module.write_synthetic_corpus(tmp_path, n_cells=20)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(directory / "corpus.parquet")
+    assert table.num_rows == 20 and set(table.column("split").to_pylist()) <= {"train", "validation"}
+    ids = table.column("input_ids").to_pylist()
+    assert all(len(set(cell)) == len(cell) and min(cell) >= 2 for cell in ids)
+    assert (directory / "vocab" / "token_dictionary.json").is_file()

@@ -1,0 +1,50 @@
+rule embed_cells:
+    """Per-cell embeddings of every corpus cell from the exported model (mean over gene tokens; <cls> for v2)."""
+    input:
+        model_dir=rules.export_model.output.model_dir,
+        corpus=get_corpus_shards(),
+    output:
+        h5ad="results/embed/{model}/cells.h5ad",
+    log:
+        "logs/embed_cells/{model}.log",
+    benchmark:
+        "logs/benchmarks/embed_cells/{model}.tsv"
+    params:
+        gfw=GFW,
+        layer=lookup(dpath="embed/layer", within=config),
+        batch_size=lookup(dpath="embed/batch_size", within=config),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/embed.yaml"
+    shell:
+        "{params.gfw} embed --model {input.model_dir} {input.corpus} -o {output.h5ad} "
+        "--layer {params.layer} --batch-size {params.batch_size} > {log} 2>&1"
+
+
+rule plot_cell_embeddings:
+    """UMAP (scanpy) of the mean cell embeddings, coloured by total counts and tokens per cell."""
+    input:
+        h5ad=rules.embed_cells.output.h5ad,
+        qc=expand(rules.qc_dataset.output.cells, dataset=DATASETS),
+    output:
+        umap=report(
+            "results/embed/{model}/umap.png",
+            caption="../report/umap.rst",
+            category="4. Cell embeddings",
+            labels={"figure": "UMAP of the cell embeddings", "model": "{model}"},
+        ),
+    log:
+        "logs/plot_cell_embeddings/{model}.log",
+    params:
+        gfw=GFW,
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "{params.gfw} plot umap {input.h5ad} -o {output.umap} --qc {input.qc} > {log} 2>&1"

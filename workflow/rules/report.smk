@@ -1,0 +1,135 @@
+# Figures and tables of `snakemake --report report.html` (the QC plot is marked in qc.smk, the UMAP in embed.smk).
+
+import json
+
+
+# The manifest beside every corpus shard (cells, genes mapped, tokens, vocabulary).
+CORPUS_MANIFESTS = [path.removesuffix(".parquet") + ".manifest.json" for path in get_corpus_shards()]
+# The Hydra overrides of the pretraining job (as pretrain.smk passes them), to show its composed config.
+TRAINING_OVERRIDES = json.dumps(
+    [
+        f"data.corpus=[{','.join(get_corpus_shards())}]",
+        "data.vocab_dir=results/reference/vocab",
+        f"data.max_length={PRESET_MAX_LENGTH}",
+        f"run_dir=results/pretrain/{MODEL}",
+        *config["pretrain"]["overrides"],
+    ]
+)
+
+
+rule summarize_corpus:
+    """Per-file table: cells kept and dropped by QC, genes mapped to the vocabulary, corpus cells and tokens."""
+    input:
+        qc=expand(rules.qc_dataset.output.summary, dataset=DATASETS),
+        manifests=CORPUS_MANIFESTS,
+    output:
+        html=report(
+            "results/report/corpus_summary.html",
+            caption="../report/corpus_summary.rst",
+            category="2. Corpus",
+            labels={"figure": "corpus summary table"},
+        ),
+    log:
+        "logs/summarize_corpus/all.log",
+    params:
+        gfw=GFW,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "{params.gfw} plot corpus-summary --qc-summary {input.qc} --manifest {input.manifests} -o {output.html} "
+        "> {log} 2>&1"
+
+
+rule plot_cell_lengths:
+    """Histogram of tokens per cell in the corpus."""
+    input:
+        corpus=get_corpus_shards(),
+        manifests=CORPUS_MANIFESTS,
+    output:
+        plot=report(
+            "results/report/cell_lengths.png",
+            caption="../report/cell_lengths.rst",
+            category="2. Corpus",
+            labels={"figure": "tokens per cell"},
+        ),
+    log:
+        "logs/plot_cell_lengths/all.log",
+    params:
+        gfw=GFW,
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "{params.gfw} plot cell-lengths {input.corpus} -o {output.plot} > {log} 2>&1"
+
+
+rule plot_training_curves:
+    """Training and validation loss, learning rate, throughput and step time from metrics.jsonl."""
+    input:
+        final=rules.pretrain_model.output.final,
+    output:
+        loss=report(
+            "results/report/{model}/loss.png",
+            caption="../report/loss.rst",
+            category="3. Pretraining",
+            labels={"figure": "loss curves", "model": "{model}"},
+        ),
+        throughput=report(
+            "results/report/{model}/throughput.png",
+            caption="../report/throughput.rst",
+            category="3. Pretraining",
+            labels={"figure": "throughput", "model": "{model}"},
+        ),
+    log:
+        "logs/plot_training_curves/{model}.log",
+    params:
+        gfw=GFW,
+        run_dir=subpath(input.final, parent=True),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "{params.gfw} plot training {params.run_dir} --loss {output.loss} --throughput {output.throughput} "
+        "> {log} 2>&1"
+
+
+rule write_run_configuration:
+    """The run's configuration: workflow config, composed training config, model size and run facts."""
+    input:
+        final=rules.pretrain_model.output.final,
+        model_dir=rules.export_model.output.model_dir,
+    output:
+        html=report(
+            "results/report/{model}/configuration.html",
+            caption="../report/configuration.rst",
+            category="5. Configuration",
+            labels={"figure": "run configuration", "model": "{model}"},
+        ),
+    log:
+        "logs/write_run_configuration/{model}.log",
+    params:
+        gfw=GFW,
+        run_dir=subpath(input.final, parent=True),
+        config_dir=TRAIN_CONFIG_DIR,
+        workflow_config=json.dumps(config),
+        overrides=TRAINING_OVERRIDES,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "{params.gfw} plot configuration -o {output.html} --model-dir {input.model_dir} --run-dir {params.run_dir} "
+        "--train-config-dir {params.config_dir} --model {wildcards.model} "
+        "--workflow-config {params.workflow_config:q} --train-overrides {params.overrides:q} > {log} 2>&1"
