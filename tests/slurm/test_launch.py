@@ -33,7 +33,8 @@ def pretrain_job_of_dry_run(workdir: Path) -> tuple[dict[str, str], str]:
             {"nodes": 4, "gpus_per_node": 8, "nproc_per_node": 8, "cpus_per_node": 64, "gpu_type": "h100"},
             {"nodes": "4", "gres": "gpu:h100:8", "tasks_per_node": "8", "cpus_per_task": "8"},
         ),
-        ({"nodes": 2, "nproc_per_node": 1, "gpus_per_node": 1}, {"gres": "gpu:1", "tasks_per_node": "2"}),
+        # as text, the way --config 'pretrain={"nodes": 2, ...}' passes nested values
+        ({"nodes": "2", "nproc_per_node": "1", "gpus_per_node": "1"}, {"gres": "gpu:1", "tasks_per_node": "2"}),
     ],
     ids=["sanity-cpu", "4-nodes-typed-gpus", "one-process-per-node"],
 )
