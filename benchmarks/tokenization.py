@@ -31,7 +31,12 @@ sys.path.insert(0, str(HERE))
 from make_synthetic import write_synthetic  # noqa: E402
 
 OURS = """
-import json, resource, sys, time
+import json, sys, time
+def peak_rss_mb():
+    # VmHWM of this process image (ru_maxrss would include the parent's peak inherited at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 start = time.perf_counter()
 from geneformer_workflow.medians import read_medians
 from geneformer_workflow.presets import PRESETS
@@ -42,12 +47,17 @@ token_dictionary, gene_medians = load_token_dictionary(tokens), read_medians(med
 loop, cpu = time.perf_counter(), time.process_time()
 stats = tokenize_h5ad(h5ad, out, token_dictionary=token_dictionary, gene_medians=gene_medians, preset=PRESETS["v1"])
 end, cpu_end = time.perf_counter(), time.process_time()
-rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss_mb = peak_rss_mb()
 print(json.dumps({"cells": stats.n_cells, "loop_s": end - loop, "loop_cpu_s": cpu_end - cpu, "rss_mb": rss_mb}))
 """
 
 REFERENCE = """
-import json, resource, sys, time
+import json, sys, time
+def peak_rss_mb():
+    # VmHWM of this process image (ru_maxrss would include the parent's peak inherited at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 from pathlib import Path
 from geneformer_workflow.testing import load_reference_tokenizer_module
 h5ad, out, tokens, medians, cache = sys.argv[1:6]
@@ -57,7 +67,7 @@ tk = module.TranscriptomeTokenizer(model_input_size=2048, special_token=False, g
                                    token_dictionary_file=tokens, gene_mapping_file=None, collapse_gene_ids=False)
 if sys.argv[6] == "whole":
     tk.tokenize_data(Path(h5ad).parent, out, "reference", file_format="h5ad")
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"rss_mb": peak_rss_mb()}))
 else:
     adata = sc.read_h5ad(h5ad)
     loop, cpu = time.perf_counter(), time.process_time()
