@@ -168,3 +168,22 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_weights(small_corpus
     run_training(2, overrides)
     assert train_losses(tmp_path) == train_losses(fsdp2_run)
     assert_same_weights(final_weights(tmp_path), final_weights(fsdp2_run))
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(small_corpus, tmp_path):
+    from geneformer_workflow.train.trainer import NonFiniteLossError
+
+    diverge = ("optimizer.lr=1e12", "scheduler.warmup_steps=1", "training.max_grad_norm=null")
+    cfg = compose(
+        small_corpus, tmp_path, "training.max_steps=12", "checkpoint.save_every=1", "logging.log_every=1", *diverge
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"the training loss became (nan|inf) between steps \d+ and \d+"
+    ) as err:
+        main(cfg)
+    saved = step_dirs(tmp_path)
+    assert not (tmp_path / "final.json").exists()
+    assert saved, "the run diverged before its first checkpoint; the test needs a later divergence"
+    assert str(saved[-1][1]) in str(err.value)
+    last_good = load_checkpoint_model(saved[-1][1])[0]
+    assert all(torch.isfinite(p).all() for p in last_good.parameters())

@@ -11,6 +11,7 @@ in one small all-reduce at the start of each step.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ from .checkpoint import (
     load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
+    step_dirs,
     write_json_atomic,
 )
 from .collate import Batch
 from .config import data_settings, model_fields, to_container
 from .data import load_training_data
 from .distributed import Runtime, all_reduce_sum, barrier
+from .init_from import init_from
 from .masking import IGNORE_INDEX
 from .metrics import MetricsLogger, memory_metrics, model_flops, peak_flops, throughput_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
@@ -53,6 +56,12 @@ from .signals import StopRequest
 from .vocab import load_vocab
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the steps and the checkpoint kept."""
+
+
 DROPOUT_STREAM = 2  # RNG stream of dropout (masks use 0 and 1)
 
 
@@ -112,6 +121,8 @@ class Trainer:
     def _build_model_and_optimizer(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(self.seed)  # every rank builds the same initial weights; FSDP2 then keeps its shard
         model = GeneformerForMaskedLM(self.model_config)
+        if self.cfg.model.get("init_from"):
+            init_from(model, self.model_config, self.cfg.model.init_from)
         opt_kwargs = {
             "lr": float(self.cfg.optimizer.lr),
             "weight_decay": float(self.cfg.optimizer.weight_decay),
@@ -220,9 +231,27 @@ class Trainer:
         self._grad_norm: torch.Tensor | None = None
         self._interval_start = time.perf_counter()
 
+    def _require_finite_loss(self) -> float:
+        """The interval's loss sum over all ranks; stops the run when it is NaN or infinite.
+
+        Called when metrics are logged and before every checkpoint, so a diverged model is never saved
+        and the newest checkpoint stays the last good one (one host sync per call, not per step).
+        """
+        (loss_sum,) = all_reduce_sum([float(self._loss_sum)], self.runtime)
+        if not math.isfinite(loss_sum):
+            first = self.state.step - self._steps + 1
+            latest = step_dirs(self.run_dir)
+            kept = f"the last good checkpoint is {latest[-1][1]}" if latest else "no checkpoint was written"
+            msg = (
+                f"the training loss became {loss_sum} between steps {first} and {self.state.step}; the run stopped "
+                f"and {kept}. Lower optimizer.lr, raise scheduler.warmup_steps or set training.max_grad_norm"
+            )
+            raise NonFiniteLossError(msg)
+        return loss_sum
+
     def log_train(self) -> None:
         """Reduce the interval's loss across ranks and write the train/* metrics (rank 0)."""
-        (loss_sum,) = all_reduce_sum([float(self._loss_sum)], self.runtime)
+        loss_sum = self._require_finite_loss()
         elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
         self.last_train_loss = loss_sum / max(self._masked, 1.0)
         metrics = {
@@ -293,7 +322,8 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Checkpoint the current step (collective)."""
+        """Checkpoint the current step (collective); refuses to save a diverged (NaN/inf loss) model."""
+        self._require_finite_loss()
         started = time.perf_counter()
         path = save_checkpoint(
             self.run_dir,
