@@ -35,6 +35,18 @@ _FIXED_HF_FIELDS: dict[str, Any] = {
 }
 
 
+# Integer fields that fix the architecture (and the shapes of every weight).
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Hyper-parameters of a Geneformer BERT masked-LM (names as in ``transformers.BertConfig``).
@@ -77,15 +89,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "type_vocab_size",
-        ):
+        for name in SHAPE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"ModelConfig.{name} must be a positive int, got {value!r}"

@@ -13,18 +13,9 @@ import logging
 from pathlib import Path
 
 from ..model import GeneformerForMaskedLM, ModelConfig, load_hf_directory
+from ..model.config import SHAPE_FIELDS
 
 log = logging.getLogger(__name__)
-
-SHAPE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-)
 
 
 def load_source_model(path: str | Path) -> GeneformerForMaskedLM:
@@ -45,7 +36,7 @@ def init_from(model: GeneformerForMaskedLM, config: ModelConfig, path: str | Pat
     source = load_source_model(path)
     different = {
         key: (getattr(source.config, key), getattr(config, key))
-        for key in SHAPE_KEYS
+        for key in SHAPE_FIELDS
         if getattr(source.config, key) != getattr(config, key)
     }
     if different:
