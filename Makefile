@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/snakemake --cores $(CORES)
 	@echo
-	@echo "Exported model: $$(cat results/export/EXPORTED_TO 2>/dev/null || echo results/export/model)"
+	@echo "Exported model(s): $$(ls -d results/export/*/ 2>/dev/null | tr '\n' ' ')"
 
 dry-run: install
 	$(BIN)/snakemake -n
