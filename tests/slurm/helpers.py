@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..workflow.helpers import REPO, SNAKEMAKE
+from ..workflow.helpers import REPO, snakemake_env, workflow_command
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_SH = HERE / "cluster.sh"
@@ -47,26 +46,7 @@ def snakemake_command(workdir: Path, profile: Path, *args: str, timeout: int) ->
 
     A SLURM executor that cannot get job states waits forever, so every run is bounded from outside.
     """
-    return [
-        "timeout",
-        "-s",
-        "KILL",
-        str(timeout),
-        *SNAKEMAKE,
-        "--snakefile",
-        str(REPO / "workflow" / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--profile",
-        str(profile),
-        *args,
-    ]
-
-
-def snakemake_env() -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return ["timeout", "-s", "KILL", str(timeout), *workflow_command(workdir, "--profile", str(profile), *args)]
 
 
 def run_snakemake(workdir: Path, profile: Path, *args: str, timeout: int) -> subprocess.CompletedProcess[str]:

@@ -20,10 +20,14 @@ def write_config(workdir: Path, **overrides: object) -> Path:
     return path
 
 
-def run_snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    """Run the repository's workflow in ``workdir`` with its config.yaml."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    command = [
+def snakemake_env() -> dict[str, str]:
+    """The environment of test runs: no wandb, one thread per process."""
+    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def workflow_command(workdir: Path, *args: str) -> list[str]:
+    """A Snakemake command running the repository's workflow in ``workdir`` with its config.yaml."""
+    return [
         *SNAKEMAKE,
         "--snakefile",
         str(REPO / "workflow" / "Snakefile"),
@@ -33,4 +37,9 @@ def run_snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.C
         str(workdir / "config.yaml"),
         *args,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
+
+
+def run_snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    """Run the repository's workflow in ``workdir`` with its config.yaml."""
+    command = workflow_command(workdir, *args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=snakemake_env(), cwd=workdir)
