@@ -9,7 +9,8 @@ runs anyway):
 ``backends``     ``gfw train`` under ``torchrun`` (1 process) with backend none, fsdp2 and mfsdp (megatron-fsdp):
                  a few bf16 steps, a checkpoint, a resume; losses compared with the unwrapped model
 ``throughput``   bf16 forward + backward + AdamW of the 10m (12 x 2,048) and 106m (8 x 4,096) models on full-length
-                 cells: tokens/s and MFU; plus the engine's own metrics (``train/mfu``) for a 10m run on the corpus
+                 cells: tokens/s and MFU, and ``transformers.BertForMaskedLM`` (sdpa) on the same batch for
+                 comparison; plus the engine's own metrics (``train/mfu``) for a 10m run on the corpus
 ``memory_4b``    the 4b model (2.9 B parameters) on one GPU with activation checkpointing: peak memory of forward
                  + backward at 4,096 tokens for micro-batches 1, 2, 4; batch 1 without checkpointing; one AdamW step
 ==============  =================================================================================================
@@ -53,7 +54,7 @@ SCRIPTS = REPO / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 # Section name -> its time limit in seconds on a GPU (the whole check must end within --budget-s).
-SECTION_LIMITS_S = {"environment": 60, "tests": 120, "backends": 200, "throughput": 150, "memory_4b": 150}
+SECTION_LIMITS_S = {"environment": 60, "tests": 120, "backends": 200, "throughput": 180, "memory_4b": 150}
 BACKENDS = ("none", "fsdp2", "mfsdp")
 V1_VOCAB, V2_VOCAB = 25_426, 20_275  # Geneformer V1 (2,048 tokens) and V2 (4,096 tokens) vocabularies
 
@@ -414,6 +415,34 @@ def microbenchmark(preset: str, batch: int, length: int, vocab: int, ctx: Contex
     return out
 
 
+def transformers_microbenchmark(preset: str, batch: int, length: int, vocab: int, ctx: Context) -> dict[str, Any]:
+    """The same step for ``transformers.BertForMaskedLM`` (sdpa, logits for every token): the reference's speed."""
+    import torch
+    import transformers
+    from geneformer_workflow.model import ModelConfig
+
+    device = torch.device(ctx.device)
+    cfg = ModelConfig.from_preset(preset, vocab_size=vocab, max_position_embeddings=length)
+    torch.manual_seed(0)
+    with device:
+        model = transformers.BertForMaskedLM._from_config(cfg.to_hf_config(), attn_implementation="sdpa").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids, mask, labels = masked_batch(batch, length, vocab, device, seed=0)
+    warmup, steps = (1, 2) if ctx.tiny else (3, 10)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def call(i: Any, a: Any, y: Any) -> Any:  # measure_steps calls model(ids, mask, labels).loss
+        return model(input_ids=i, attention_mask=a, labels=y)
+
+    seconds = measure_steps(call, (ids, mask, labels), warmup=warmup, steps=steps, optimizer=optimizer)
+    out = {"preset": preset, "micro_batch": batch, "length": length, "seconds_per_step": seconds,
+           "tokens_per_second": batch * length / seconds}  # fmt: skip
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
 def engine_run(ctx: Context) -> dict[str, Any]:
     """The engine's own metrics (``train/mfu``, tokens/s) for a short bf16 10m run on the corpus."""
     steps, log_every = (4, 2) if ctx.tiny else (40, 20)
@@ -444,6 +473,16 @@ def section_throughput(ctx: Context) -> dict[str, Any]:
         except Exception as err:
             results[preset] = {"error": f"{type(err).__name__}: {err}"}
             errors.append(preset)
+        if ctx.on_gpu:
+            torch.cuda.empty_cache()
+        try:  # the reference on the same shape; its failure is recorded, not fatal
+            reference = transformers_microbenchmark(preset, batch, length, vocab, ctx)
+            if "seconds_per_step" in results[preset]:
+                reference["ours_speedup"] = reference["seconds_per_step"] / results[preset]["seconds_per_step"]
+            results[f"{preset}_transformers"] = reference
+            print(f"--- {preset} transformers: {json.dumps(reference)}", flush=True)
+        except Exception as err:
+            results[f"{preset}_transformers"] = {"error": f"{type(err).__name__}: {err}"}
         if ctx.on_gpu:
             torch.cuda.empty_cache()
     try:
@@ -610,7 +649,8 @@ def summary_line(name: str, record: dict[str, Any]) -> str:
                            for b, r in res.items())  # fmt: skip
     elif name == "throughput" and res:
         detail = ", ".join(
-            f"{k}: {v['tokens_per_second']:,.0f} tok/s, MFU {percent(v['mfu_percent'])}"
+            f"{k}: {v['tokens_per_second']:,.0f} tok/s, "
+            + (f"ours {v['ours_speedup']:.2f}x" if "ours_speedup" in v else f"MFU {percent(v.get('mfu_percent'))}")
             for k, v in res.items() if "tokens_per_second" in v
         )  # fmt: skip
         engine = res.get("engine", {}).get("metrics", {})
