@@ -18,6 +18,7 @@ from .train.checkpoint import (
     MODEL_CONFIG_FILE,
     CheckpointError,
     check_complete,
+    final_checkpoint,
     latest_checkpoint,
     load_model_weights,
 )
@@ -32,7 +33,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
         return path
     final = path / FINAL_FILE
     if final.is_file():
-        return path / json.loads(final.read_text())["checkpoint"]
+        return final_checkpoint(path)  # refuses a final.json that points outside the run directory
     latest = latest_checkpoint(path)
     if latest is None:
         msg = f"{path} is neither a checkpoint (step_<n>) nor a run directory with checkpoints"

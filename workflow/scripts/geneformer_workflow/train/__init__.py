@@ -30,11 +30,11 @@ import math
 
 from omegaconf import DictConfig
 
-from .config import DEFAULT_CONFIG_DIR, compose_config, validate_config
+from .config import DEFAULT_CONFIG_DIR, check_environment, compose_config, validate_config
 from .distributed import DistributedConfig, close_runtime, init_runtime
 from .trainer import Trainer
 
-__all__ = ["DEFAULT_CONFIG_DIR", "cli_main", "compose_config", "main", "validate_config"]
+__all__ = ["DEFAULT_CONFIG_DIR", "check_environment", "cli_main", "compose_config", "main", "validate_config"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def main(cfg: DictConfig) -> float:
     and the process group, on success and on error alike.
     """
     validate_config(cfg)
+    check_environment(cfg)  # GPUs, WORLD_SIZE and the resumed global batch: before any rendezvous or data
     runtime = init_runtime(str(cfg.training.device), timeout_s=60.0 * float(cfg.training.dist_timeout_minutes))
     trainer = None
     try:

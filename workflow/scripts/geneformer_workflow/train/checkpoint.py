@@ -10,8 +10,12 @@ Layout of one checkpoint::
         model_config.json           ``ModelConfig.to_dict()``: enough to rebuild the model for export
 
 All ranks write their shards into ``checkpoints/.tmp_step_<n>``; rank 0 then adds the JSON
-files and renames the directory, so a ``step_<n>`` directory only ever appears complete. The
-last ``keep_last`` checkpoints are kept. DCP saves sharded state and reshards it on load, so a
+files (each itself written under a temporary name, fsynced and renamed) and renames the directory,
+so a ``step_<n>`` directory only ever appears complete. A save that fails (disk full, quota, file
+size limit, I/O error) removes its temporary directory, keeps every earlier checkpoint and raises
+:class:`CheckpointError` naming the checkpoint and the problem; rerunning the same command after
+freeing space resumes from the newest complete checkpoint. The last ``keep_last`` checkpoints are
+kept; older ones are deleted only after the new one is complete. DCP saves sharded state and reshards it on load, so a
 run may resume with a different number of processes (the global batch must stay the same).
 
 RNG state is not saved: dropout is reseeded at every step from ``(seed, step, rank)`` and the
@@ -21,6 +25,7 @@ masks are keyed per cell, so a resumed run reproduces the uninterrupted one exac
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,7 +34,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -48,9 +53,18 @@ META_FILE = "checkpoint.json"
 MODEL_CONFIG_FILE = "model_config.json"
 FINAL_FILE = "final.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# DCP wraps reader errors in CheckpointException, which derives from BaseException, not Exception.
-_LOAD_ERRORS = (Exception, CheckpointException)
+# DCP wraps reader and writer errors in CheckpointException, which derives from BaseException, not Exception.
+_DCP_ERRORS = (Exception, CheckpointException)
 FORMAT_VERSION = 1
+# errno values that mean "out of space", and how the error message names them.
+_NO_SPACE = {
+    errno.ENOSPC: "no space left on device (disk full)",
+    errno.EDQUOT: "disk quota exceeded (disk full for this user)",
+    errno.EFBIG: "a file grew past the file size limit (File too large; see `ulimit -f`)",
+}
+# With several ranks DCP pickles each rank's error, which drops the OSError chained behind torch.save's
+# "unexpected pos" RuntimeError; less free space than this after a failed save then means a full disk.
+_FULL_BELOW_BYTES = 16 * 2**20
 
 
 @contextlib.contextmanager
@@ -143,10 +157,85 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (readers never see half a file)."""
+    """Write JSON to ``path`` via a temporary file, ``fsync`` and ``os.replace`` (readers never see half a file).
+
+    On failure (e.g. a full disk) the temporary file is removed and ``path`` is untouched.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as handle:
+            handle.write(json.dumps(payload, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename in ``path`` (the directory entry), so a crash cannot undo a completed checkpoint."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _error_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err``, the exceptions chained to it and, for DCP's ``CheckpointException``, every rank's error."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__]
+        if isinstance(current, CheckpointException):
+            todo += [failure[0] if isinstance(failure, tuple) else failure for failure in current.failures.values()]
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def describe_write_error(err: BaseException, directory: Path) -> tuple[str, bool]:
+    """``(problem, out_of_space)`` for a failed write under ``directory``, e.g. ``"no space left ... (disk full)"``.
+
+    Looks through chained and per-rank errors for an ``OSError`` (DCP hides ENOSPC behind torch.save's
+    ``unexpected pos`` RuntimeError); without one, a nearly empty file system still counts as full.
+    """
+    errors = list(_error_chain(err))
+    os_errors = [e for e in errors if isinstance(e, OSError) and e.errno is not None]
+    for error in os_errors:
+        if error.errno in _NO_SPACE:
+            return f"{_NO_SPACE[error.errno]} [{error}]", True
+    free = _free_bytes(directory)
+    if not os_errors and free is not None and free < _FULL_BELOW_BYTES:
+        return f"{_NO_SPACE[errno.ENOSPC]}: {free / 2**20:.1f} MiB free on {directory}", True
+    # DCP's own message is a multi-line traceback: name the first rank's error (or the OSError) instead.
+    detail = os_errors[0] if os_errors else next((e for e in errors if not isinstance(e, CheckpointException)), err)
+    return f"{type(detail).__name__}: {detail}", False
+
+
+def _save_failed(err: BaseException, final: Path, tmp: Path, runtime: Runtime) -> CheckpointError:
+    """Remove the partial checkpoint (rank 0) and build the error that names it, the problem and the fix."""
+    problem, out_of_space = describe_write_error(err, tmp.parent)
+    if runtime.dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # incomplete either way; removing it also frees the space it took
+    previous = latest_checkpoint(final.parent.parent)
+    kept = f"the newest complete checkpoint is still {previous}" if previous else "no complete checkpoint exists yet"
+    fix = "free space (or raise the quota or limit)" if out_of_space else "fix the cause"
+    msg = (
+        f"cannot write checkpoint {final}: {problem}. The partial checkpoint {tmp} was removed and {kept}; "
+        f"{fix}, then rerun the same command to resume from it"
+    )
+    return CheckpointError(msg)
 
 
 def save_checkpoint(
@@ -170,25 +259,33 @@ def save_checkpoint(
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        CheckpointError: when writing fails; the partial checkpoint is removed, earlier ones are kept.
     """
     root = Path(run_dir) / CHECKPOINTS
     step = app.state.step
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     if final.is_dir():  # e.g. the end of a run that resumed from its last step: nothing new to save
         return final
+    try:
+        if runtime.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(runtime)
+        with _single_process_ok():
+            dcp.save({"app": app}, checkpoint_id=tmp)  # a failure on any rank raises on every rank
+        barrier(runtime)
+        if runtime.dist.is_main:
+            payload = {"format": FORMAT_VERSION, **asdict(app.state), **meta}
+            write_json_atomic(tmp / META_FILE, payload)
+            write_json_atomic(tmp / MODEL_CONFIG_FILE, model_config)
+            os.rename(tmp, final)
+    except _DCP_ERRORS as err:
+        raise _save_failed(err, final, tmp, runtime) from err
     if runtime.dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(runtime)
-    with _single_process_ok():
-        dcp.save({"app": app}, checkpoint_id=tmp)
-    barrier(runtime)
-    if runtime.dist.is_main:
-        payload = {"format": FORMAT_VERSION, **asdict(app.state), **meta}
-        write_json_atomic(tmp / META_FILE, payload)
-        write_json_atomic(tmp / MODEL_CONFIG_FILE, model_config)
-        os.rename(tmp, final)
-        prune_checkpoints(run_dir, keep_last)
+        _fsync_dir(root)
+        prune_checkpoints(run_dir, keep_last)  # only now: the previous checkpoint stays until this one is complete
     barrier(runtime)
     return final
 
@@ -210,6 +307,24 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def final_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint that ``run_dir/final.json`` names, refusing any value but ``checkpoints/step_<n>``.
+
+    ``final.json`` may come from another machine or user (``model.init_from``, ``gfw export``), so its
+    path must not lead out of the run directory (no absolute path, no ``..``).
+    """
+    path = Path(run_dir) / FINAL_FILE
+    value = read_json(path).get("checkpoint")
+    parts = PurePosixPath(value).parts if isinstance(value, str) else ()
+    if len(parts) != 2 or parts[0] != CHECKPOINTS or not _STEP_DIR.match(parts[1]):
+        msg = (
+            f"{path}: 'checkpoint'={value!r} is not a path of the form {CHECKPOINTS}/step_<n> inside the run "
+            "directory; fix or delete final.json (the newest checkpoint is then used)"
+        )
+        raise CheckpointError(msg)
+    return Path(run_dir, *parts)
+
+
 def check_complete(path: Path) -> dict[str, Any]:
     """Return ``checkpoint.json`` of ``path``, or raise :class:`CheckpointError` naming what is missing."""
     missing = [name for name in (".metadata", META_FILE, MODEL_CONFIG_FILE) if not (path / name).is_file()]
@@ -228,7 +343,7 @@ def load_checkpoint(path: Path, app: AppState) -> None:
     try:
         with _single_process_ok():
             dcp.load({"app": app}, checkpoint_id=path)
-    except _LOAD_ERRORS as err:
+    except _DCP_ERRORS as err:
         msg = (
             f"cannot load checkpoint {path}: {type(err).__name__}: {err}. Delete it to resume from the previous "
             "checkpoint, or start a new run_dir"
@@ -247,7 +362,7 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     try:
         with _single_process_ok():
             dcp.load({"app": {"model": state}}, checkpoint_id=path)
-    except _LOAD_ERRORS as err:
+    except _DCP_ERRORS as err:
         msg = f"cannot load the model weights of checkpoint {path}: {type(err).__name__}: {err}"
         raise CheckpointError(msg) from err
     model.load_state_dict({key.removeprefix(prefix): value for key, value in state.items()})

@@ -2,17 +2,36 @@
 
 Every rank composes the same config with Hydra's compose API (no output directory, no
 ``chdir``), so ``torchrun`` workers agree without passing ``hydra.run.dir``.
+
+Two checks run at start, before any data is read or a process group is started:
+:func:`validate_config` (the config alone: mandatory keys, types, ranges, impossible
+combinations) and :func:`check_environment` (the config against this job: CUDA devices,
+``WORLD_SIZE`` / ``LOCAL_WORLD_SIZE`` from ``torchrun``, and the global batch of the checkpoint
+a run resumes from). Each error names the key and the fix.
+
+Output paths: the trainer derives every output from ``run_dir`` with fixed names
+(``checkpoints/step_<n>``, ``metrics.jsonl``, ``final.json``, ``wandb/``), so no config value
+can send one elsewhere; only ``data.cache_dir`` (default ``${run_dir}/cache``) may point
+outside, on purpose, so that runs share the token cache. Inputs (``data.corpus``,
+``data.vocab_dir``, ``model.init_from``) may be anywhere.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import META_FILE, CheckpointError, latest_checkpoint, read_json
 from .data import DataSettings
+from .distributed import DistributedConfig
+from .optim import SCHEDULES
+from .parallel import BACKENDS, PRECISIONS
 
 # <repo>/workflow/scripts/geneformer_workflow/train/config.py -> <repo>/config/train
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[4] / "config" / "train"
@@ -29,6 +48,8 @@ MODEL_KEYS = (
     "type_vocab_size",
     "gradient_checkpointing",
 )
+DEVICES = ("auto", "cpu", "cuda")
+FP8_MULTIPLE = 16  # FP8 GEMMs need every dimension, tokens included, to be a multiple of 16
 
 
 def compose_config(
@@ -90,6 +111,159 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.wandb.mode not in {"online", "offline", "disabled"}:
         msg = f"wandb.mode={cfg.wandb.mode!r} is not one of online, offline, disabled"
         raise ValueError(msg)
+    _check_choices(cfg)
+    _check_output_paths(cfg)
+    _check_model_shape(cfg)
+    _check_masking(cfg)
+    if cfg.training.device == "cpu":
+        _check_gpu_features(cfg, "training.device=cpu")
+    if cfg.fp8.enabled and cfg.data.pad_to_multiple_of % FP8_MULTIPLE:
+        msg = (
+            f"fp8.enabled=true needs data.pad_to_multiple_of to be a multiple of {FP8_MULTIPLE} (FP8 GEMMs), "
+            f"got {cfg.data.pad_to_multiple_of}; set data.pad_to_multiple_of={FP8_MULTIPLE}"
+        )
+        raise ValueError(msg)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """Keys with a fixed set of values (checked here too, so that a typo fails before the data is read)."""
+    choices = {
+        "backend.name": BACKENDS,
+        "training.device": DEVICES,
+        "training.precision": PRECISIONS,
+        "scheduler.name": SCHEDULES,
+    }
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            msg = f"{key}={value!r} is not one of {', '.join(allowed)}"
+            raise ValueError(msg)
+
+
+def _check_output_paths(cfg: DictConfig) -> None:
+    """``run_dir`` and ``data.cache_dir`` must name a directory: not empty (silently the current one), not ``/``."""
+    for key in ("run_dir", "data.cache_dir"):
+        value = str(OmegaConf.select(cfg, key)).strip()
+        if not value or Path(value).resolve() == Path(Path(value).resolve().anchor):
+            msg = f"{key}={value!r} must name a directory for this run's outputs (not empty, not a file system root)"
+            raise ValueError(msg)
+
+
+def _check_model_shape(cfg: DictConfig) -> None:
+    for key in ("model.hidden_size", "model.num_hidden_layers", "model.num_attention_heads",
+                "model.intermediate_size"):  # fmt: skip
+        _positive(cfg, key)
+    hidden, heads = cfg.model.hidden_size, cfg.model.num_attention_heads
+    if hidden % heads:
+        msg = (
+            f"model.hidden_size={hidden} is not divisible by model.num_attention_heads={heads}; pick a number of "
+            "heads that divides it"
+        )
+        raise ValueError(msg)
+    for key in ("model.hidden_dropout_prob", "model.attention_probs_dropout_prob"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            msg = f"{key}={value!r} must be a number in [0, 1)"
+            raise ValueError(msg)
+
+
+def _check_masking(cfg: DictConfig) -> None:
+    data = cfg.data
+    if not 0.0 < data.mlm_probability < 1.0:
+        msg = f"data.mlm_probability={data.mlm_probability} must be in (0, 1); Geneformer uses 0.15"
+        raise ValueError(msg)
+    mask, random = data.mask_replace_prob, data.random_replace_prob
+    if mask < 0 or random < 0 or mask + random > 1:
+        msg = (
+            f"data.mask_replace_prob={mask} and data.random_replace_prob={random} must be >= 0 with a sum <= 1 "
+            "(BERT uses 0.8 and 0.1)"
+        )
+        raise ValueError(msg)
+
+
+def _check_gpu_features(cfg: DictConfig, reason: str) -> None:
+    """Refuse what only runs on CUDA GPUs when the run trains on CPU; ``reason`` says why it does."""
+    features = [
+        (cfg.fp8.enabled, "fp8.enabled=true", "needs CUDA + Transformer Engine (FP8 GEMMs)", "fp8.enabled=false"),
+        (cfg.model.use_te, "model.use_te=true", "needs CUDA + Transformer Engine", "model.use_te=false"),
+        (cfg.backend.name == "mfsdp", "backend.name=mfsdp", "needs CUDA GPUs (megatron-fsdp calls torch.cuda)",
+         "backend.name=fsdp2"),
+        (cfg.training.precision == "bf16", "training.precision=bf16", "needs a CUDA device",
+         "training.precision=auto"),
+    ]  # fmt: skip
+    for enabled, setting, problem, fix in features:
+        if enabled:
+            msg = f"{setting} {problem}, but {reason}; set {fix} to train on CPU"
+            raise ValueError(msg)
+
+
+def check_environment(
+    cfg: DictConfig, environ: Mapping[str, str] | None = None, *, cuda_devices: int | None = None
+) -> None:
+    """Check the config against this job, before the process group starts and before any data is read.
+
+    Args:
+        cfg: A config that passed :func:`validate_config`.
+        environ: The environment (default ``os.environ``); ``torchrun`` sets ``WORLD_SIZE`` and
+            ``LOCAL_WORLD_SIZE`` (processes in the job and on this node).
+        cuda_devices: Visible CUDA devices (default ``torch.cuda.device_count()``).
+
+    Raises:
+        ValueError: naming the key (or variable) and the fix.
+    """
+    env = os.environ if environ is None else environ
+    dist = DistributedConfig.from_env(env)
+    gpus = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    device = cfg.training.device
+    if device == "cuda" and gpus == 0:
+        msg = "training.device=cuda but no CUDA device is visible; set training.device=auto or cpu"
+        raise ValueError(msg)
+    if device == "auto" and gpus == 0:
+        _check_gpu_features(cfg, "training.device=auto and this machine has no CUDA device")
+    local = int(env.get("LOCAL_WORLD_SIZE", dist.world_size))
+    if device != "cpu" and gpus > 0 and local > gpus:
+        msg = (
+            f"LOCAL_WORLD_SIZE={local} processes on this node but only {gpus} visible CUDA devices; start one "
+            "process per GPU (torchrun --nproc_per_node), or set training.device=cpu"
+        )
+        raise ValueError(msg)
+    if cfg.backend.name == "none" and dist.world_size > 1:
+        msg = f"backend.name=none cannot train with WORLD_SIZE={dist.world_size}; use auto, fsdp2 or ddp"
+        raise ValueError(msg)
+    _check_resume_batch(cfg, dist.world_size)
+
+
+def _check_resume_batch(cfg: DictConfig, world_size: int) -> None:
+    """A resumed run must keep its global batch (``micro x world size x accumulation``) to keep its data order.
+
+    A fresh run's global batch is that product, so it always splits evenly; resuming on another number
+    of processes needs ``data.micro_batch_size x training.grad_accum_steps = global batch / WORLD_SIZE``.
+    """
+    latest = latest_checkpoint(Path(cfg.run_dir)) if cfg.checkpoint.resume else None
+    if latest is None:
+        return
+    try:
+        saved = int(read_json(latest / META_FILE)["global_batch_size"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return  # a broken checkpoint: the trainer reports it with the full story
+    micro, accum = int(cfg.data.micro_batch_size), int(cfg.training.grad_accum_steps)
+    if micro * world_size * accum == saved:
+        return
+    have = f"data.micro_batch_size={micro} x WORLD_SIZE={world_size} x training.grad_accum_steps={accum}"
+    if saved % world_size:
+        fix = f"run with a number of processes that divides {saved}"
+    else:
+        per_rank = saved // world_size
+        new_micro = max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)
+        fix = (
+            f"set data.micro_batch_size x training.grad_accum_steps = {per_rank}, e.g. "
+            f"data.micro_batch_size={new_micro} training.grad_accum_steps={per_rank // new_micro}"
+        )
+    msg = (
+        f"cannot resume from {latest}: it was trained with global_batch_size={saved}, which {have} "
+        f"= {micro * world_size * accum} does not match; {fix}, or start a new run_dir"
+    )
+    raise ValueError(msg)
 
 
 def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
