@@ -1,8 +1,8 @@
 """Geneformer BERT masked-LM (post-LayerNorm, ReLU, Hugging Face ``BertForMaskedLM`` parameter names).
 
 Modules: ``config`` (``ModelConfig``, ``MODEL_PRESETS``), ``layers`` (one layer from swappable Linear /
-LayerNorm / attention primitives), ``bert`` (the model), ``hf`` (export to / import from Hugging Face directories).
-See docs/model.md.
+LayerNorm / attention primitives), ``packing`` (unpadded "thd" batches), ``bert`` (the model), ``hf`` (export to /
+import from Hugging Face directories). See docs/model.md.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from .bert import IGNORE_INDEX, GeneformerForMaskedLM, MaskedLMOutput
 from .config import MODEL_PRESETS, ModelConfig, num_parameters
 from .hf import load_hf_directory, save_hf_directory, save_hf_state_dict, to_hf_state_dict
 from .layers import TORCH_PRIMITIVES, Primitives
+from .packing import PackedSequences, unpad
 
 __all__ = [
     "IGNORE_INDEX",
@@ -19,10 +20,12 @@ __all__ = [
     "GeneformerForMaskedLM",
     "MaskedLMOutput",
     "ModelConfig",
+    "PackedSequences",
     "Primitives",
     "load_hf_directory",
     "num_parameters",
     "save_hf_directory",
     "save_hf_state_dict",
     "to_hf_state_dict",
+    "unpad",
 ]

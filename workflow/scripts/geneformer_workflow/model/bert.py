@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers import TORCH_PRIMITIVES, BertLayer, Primitives
+from .packing import PackedSequences
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (PyTorch's cross_entropy default)
 
@@ -56,9 +57,10 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = prims.layer_norm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids_BT.shape[1]
-        positions_T = torch.arange(seq_len, device=input_ids_BT.device)
+    def forward(self, input_ids_BT: torch.Tensor, positions_T: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H); ``positions_T`` (T,) defaults to 0..T-1 (packed rows restart per cell)."""
+        if positions_T is None:
+            positions_T = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
         # Same summation order as HF: (word + token type) + position.
         x_BTH = self.word_embeddings(input_ids_BT) + self.token_type_embeddings.weight[0]
         x_BTH = x_BTH + self.position_embeddings(positions_T)  # (T, H) broadcast over B
@@ -100,8 +102,17 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(cfg, prims)
 
     def forward(
-        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, *, output_hidden_states: bool = False
+        self,
+        input_ids_BT: torch.Tensor,
+        attention_mask_BT: torch.Tensor | None,
+        *,
+        packed: PackedSequences | None = None,
+        output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Padded (B, T) ids with their mask, or a packed (1, T_total) row with ``packed`` -> hidden states."""
+        if packed is not None:
+            x_BTH = self.embeddings(input_ids_BT, packed.position_ids())
+            return self.encoder(x_BTH, packed, output_hidden_states=output_hidden_states)
         mask = self.prims.prepare_mask(attention_mask_BT)  # once for all layers
         return self.encoder(self.embeddings(input_ids_BT), mask, output_hidden_states=output_hidden_states)
 
@@ -228,22 +239,27 @@ class GeneformerForMaskedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        *,
+        packed: PackedSequences | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Encoder output, e.g. for cell embeddings.
 
         Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T), 1 = token, 0 = padding; None = no padding.
+            input_ids: (B, T) token ids, or (1, T_total) packed cells with ``packed``.
+            attention_mask: (B, T), 1 = token, 0 = padding; None = no padding (ignored when packed).
             output_hidden_states: Also return the embeddings output and every layer's output.
+            packed: Where each cell lies in a packed row (see ``model.packing``); None for a padded batch.
 
         Returns:
             The last hidden state (B, T, H); with ``output_hidden_states`` the pair
             ``(last, (embeddings, layer_1, ..., layer_L))``, indexed as HF's ``hidden_states``.
         """
-        self._check_inputs(input_ids, attention_mask)
-        if attention_mask is None:
+        self._check_inputs(input_ids, attention_mask, packed)
+        if attention_mask is None and packed is None:
             attention_mask = torch.ones_like(input_ids)
-        last_BTH, hidden_states = self.bert(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        last_BTH, hidden_states = self.bert(
+            input_ids, attention_mask, packed=packed, output_hidden_states=output_hidden_states
+        )
         if output_hidden_states:
             return last_BTH, hidden_states
         return last_BTH
@@ -253,19 +269,24 @@ class GeneformerForMaskedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        packed: PackedSequences | None = None,
     ) -> MaskedLMOutput:
         """Masked-LM forward pass.
 
         Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T), 1 = token, 0 = padding; None = no padding.
-            labels: (B, T) target ids, -100 where the position does not count. When given, the head runs only
-                at the M positions with a label (this needs the count M on the host: one device sync).
+            input_ids: (B, T) token ids, or (1, T_total) packed cells with ``packed``.
+            attention_mask: (B, T), 1 = token, 0 = padding; None = no padding (ignored when packed).
+            labels: Same shape as ``input_ids``: target ids, -100 where the position does not count. When given,
+                the head runs only at the M positions with a label (this needs the count M on the host: one
+                device sync).
+            packed: Where each cell lies in a packed row (``model.packing.unpad`` packs a padded batch); the
+                per-token results equal the padded batch's.
 
         Returns:
             ``MaskedLMOutput(loss, logits, num_masked)``; see its docstring for shapes.
         """
-        hidden_BTH = self.encode(input_ids, attention_mask)
+        hidden_BTH = self.encode(input_ids, attention_mask, packed=packed)
         if labels is None:
             return MaskedLMOutput(loss=None, logits=self.cls(hidden_BTH), num_masked=None)  # (B, T, V)
         if labels.shape != input_ids.shape:
@@ -282,13 +303,22 @@ class GeneformerForMaskedLM(nn.Module):
         loss = F.cross_entropy(logits_MV.float(), targets_M, reduction="sum") / max(num_masked, 1)
         return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=num_masked)
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedSequences | None
+    ) -> None:
         if input_ids.dim() != 2:
             msg = f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}"
             raise ValueError(msg)
-        if input_ids.shape[1] > self.config.max_position_embeddings:
+        if packed is not None and (input_ids.shape[0] != 1 or input_ids.shape[1] != packed.total_tokens):
             msg = (
-                f"Sequences of {input_ids.shape[1]} tokens exceed max_position_embeddings="
+                f"a packed batch must be one row of sum(lengths) = {packed.total_tokens} tokens, "
+                f"got input_ids of shape {tuple(input_ids.shape)}"
+            )
+            raise ValueError(msg)
+        longest = packed.max_seqlen if packed is not None else input_ids.shape[1]
+        if longest > self.config.max_position_embeddings:
+            msg = (
+                f"Sequences of {longest} tokens exceed max_position_embeddings="
                 f"{self.config.max_position_embeddings}; truncate the corpus or build a larger model"
             )
             raise ValueError(msg)

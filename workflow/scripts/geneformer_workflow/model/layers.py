@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .packing import PackedSequences
 
 
 class SDPAttention(nn.Module):
@@ -56,14 +57,56 @@ class SDPAttention(nn.Module):
         return attention_mask_BT.bool()[:, None, None, :]  # (B, 1, 1, T)
 
     def forward(
-        self, query_BTND: torch.Tensor, key_BTND: torch.Tensor, value_BTND: torch.Tensor, mask_B11T: torch.Tensor
+        self,
+        query_BTND: torch.Tensor,
+        key_BTND: torch.Tensor,
+        value_BTND: torch.Tensor,
+        mask: torch.Tensor | PackedSequences,
     ) -> torch.Tensor:
-        """Attend; inputs in "bshd" layout (B, T, N, D), output (B, T, H)."""
+        """Attend; inputs in "bshd" layout (B, T, N, D), output (B, T, H).
+
+        ``mask`` is the prepared (B, 1, 1, T) padding mask, or a ``PackedSequences`` for a packed (1, T_total)
+        batch, where each sequence attends only to itself.
+        """
         batch, seq_len = query_BTND.shape[:2]
-        q_BNTD, k_BNTD, v_BNTD = (x.transpose(1, 2) for x in (query_BTND, key_BTND, value_BTND))
         dropout_p = self.dropout_p if self.training else 0.0
-        ctx_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BNTD, v_BNTD, attn_mask=mask_B11T, dropout_p=dropout_p)
+        if isinstance(mask, PackedSequences):
+            ctx_1TND = packed_attention(query_BTND, key_BTND, value_BTND, mask, dropout_p)
+            return ctx_1TND.reshape(batch, seq_len, self.num_heads * self.head_dim)  # (1, T_total, H)
+        q_BNTD, k_BNTD, v_BNTD = (x.transpose(1, 2) for x in (query_BTND, key_BTND, value_BTND))
+        ctx_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BNTD, v_BNTD, attn_mask=mask, dropout_p=dropout_p)
         return ctx_BNTD.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)  # (B, T, H)
+
+
+def _flash_varlen() -> Callable[..., torch.Tensor] | None:
+    """PyTorch's flash-attention ``varlen_attn`` (torch >= 2.10 with CUDA), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:  # older torch, or a build without it
+        return None
+    return varlen_attn
+
+
+def packed_attention(
+    q_1TND: torch.Tensor, k_1TND: torch.Tensor, v_1TND: torch.Tensor, packed: PackedSequences, dropout_p: float
+) -> torch.Tensor:
+    """Block-diagonal attention over packed sequences (T = T_total): (1, T, N, D) -> (1, T, N, D).
+
+    On CUDA in bf16/fp16 without dropout this is one flash-attention ``varlen_attn`` call over ``cu_seqlens``
+    ("thd" layout); otherwise (CPU, fp32, attention dropout) SDPA runs once per sequence on exactly its tokens
+    (4-D views: SDPA's fused CPU kernel wants them), so no compute is spent on padding either way.
+    """
+    varlen = _flash_varlen() if q_1TND.is_cuda and dropout_p == 0.0 else None
+    if varlen is not None and q_1TND.dtype in (torch.bfloat16, torch.float16):
+        cu = packed.cu_seqlens
+        ctx_TND = varlen(q_1TND[0], k_1TND[0], v_1TND[0], cu, cu, packed.max_seqlen, packed.max_seqlen)
+        return ctx_TND.unsqueeze(0)
+    outputs = []
+    for q_1LND, k_1LND, v_1LND in zip(*(x.split(packed.lengths, 1) for x in (q_1TND, k_1TND, v_1TND)), strict=True):
+        q_1NLD, k_1NLD, v_1NLD = (x.transpose(1, 2) for x in (q_1LND, k_1LND, v_1LND))
+        ctx_1NLD = F.scaled_dot_product_attention(q_1NLD, k_1NLD, v_1NLD, dropout_p=dropout_p)
+        outputs.append(ctx_1NLD.transpose(1, 2))
+    return torch.cat(outputs, 1)  # (1, T, N, D)
 
 
 def torch_linear(in_features: int, out_features: int) -> nn.Module:
@@ -89,7 +132,7 @@ class Primitives:
         layer_norm: ``(size, eps) -> module`` normalising the last dimension, with ``weight`` and ``bias``.
         attention: ``(num_heads, head_dim, dropout_p) -> module`` called as
             ``module(query_BTND, key_BTND, value_BTND, mask) -> (B, T, H)``; it must apply its dropout only while
-            training.
+            training, and accept a ``PackedSequences`` as ``mask`` for packed (1, T_total) batches.
         prepare_mask: Converts the (B, T) 1 = token / 0 = pad mask once per forward into what ``attention``
             takes (for SDPA a (B, 1, 1, T) boolean keep-mask; for TE a (B, 1, 1, T) mask with True = masked).
     """
