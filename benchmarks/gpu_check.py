@@ -54,7 +54,9 @@ SCRIPTS = REPO / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 # Section name -> its time limit in seconds on a GPU (the whole check must end within --budget-s).
-SECTION_LIMITS_S = {"environment": 60, "tests": 120, "backends": 200, "throughput": 180, "memory_4b": 150}
+SECTION_LIMITS_S = {
+    "environment": 60, "tests": 120, "backends": 200, "throughput": 180, "memory_4b": 150, "packing": 200,
+}  # fmt: skip
 BACKENDS = ("none", "fsdp2", "mfsdp")
 V1_VOCAB, V2_VOCAB = 25_426, 20_275  # Geneformer V1 (2,048 tokens) and V2 (4,096 tokens) vocabularies
 
@@ -496,6 +498,138 @@ def section_throughput(ctx: Context) -> dict[str, Any]:
     return results
 
 
+# ============================================================================================ packing
+def variable_batch(batch: int, length: int, vocab: int, device: Any, seed: int) -> tuple[Any, Any, Any]:
+    """Right-padded cells of lengths uniform in [length / 2, length], 15 % of real tokens masked."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=gen)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(2, vocab, (batch, length), generator=gen) * mask
+    chosen = (torch.rand(ids.shape, generator=gen) < 0.15) & mask.bool()
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    ids = torch.where(chosen, torch.ones_like(ids), ids)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def packed_matches_padded(preset: str, vocab: int, length: int, ctx: Context) -> dict[str, Any]:
+    """bf16 loss of the same batch padded vs packed (flash varlen on CUDA), and their largest logit difference."""
+    import torch
+    from geneformer_workflow.model import unpad
+
+    device = torch.device(ctx.device)
+    model = build_model(preset, vocab=vocab, length=length, device=device, checkpointing=False).eval()
+    ids, mask, labels = variable_batch(4, length, vocab, device, seed=1)
+    with torch.no_grad(), bf16_autocast(device):
+        padded = model(ids, mask, labels)
+        ids_1T, labels_1T, packed = unpad(ids, mask, labels)
+        out = model(ids_1T, labels=labels_1T, packed=packed)
+    return {"loss_padded": float(padded.loss), "loss_packed": float(out.loss),
+            "max_abs_logit_difference": float((padded.logits.float() - out.logits.float()).abs().max())}  # fmt: skip
+
+
+def packing_microbenchmark(preset: str, batch: int, length: int, vocab: int, ctx: Context) -> dict[str, Any]:
+    """Step time of ours padded, ours packed (``unpad`` in the step) and transformers on variable-length cells."""
+    import torch
+    import transformers
+    from geneformer_workflow.model import unpad
+
+    device = torch.device(ctx.device)
+    data = variable_batch(batch, length, vocab, device, seed=0)
+    real_tokens = int(data[1].sum())
+    warmup, steps = (1, 2) if ctx.tiny else (3, 10)
+    ours = build_model(preset, vocab=vocab, length=length, device=device, checkpointing=False)
+    cfg = ours.config
+    with device:
+        theirs = transformers.BertForMaskedLM._from_config(cfg.to_hf_config(), attn_implementation="sdpa").train()
+
+    def packed_call(i: Any, a: Any, y: Any) -> Any:
+        ids_1T, labels_1T, packed = unpad(i, a, y)
+        return ours(ids_1T, labels=labels_1T, packed=packed)
+
+    def hf_call(i: Any, a: Any, y: Any) -> Any:
+        return theirs(input_ids=i, attention_mask=a, labels=y)
+
+    out: dict[str, Any] = {"preset": preset, "micro_batch": batch, "length": length, "real_tokens": real_tokens}
+    for name, call, params in (("ours_padded", ours, ours.parameters()), ("ours_packed", packed_call, None),
+                               ("transformers", hf_call, theirs.parameters())):  # fmt: skip
+        opt_params = list(params) if params is not None else list(ours.parameters())
+        optimizer = torch.optim.AdamW(opt_params, lr=1e-4, fused=device.type == "cuda")
+        seconds = measure_steps(call, data, warmup=warmup, steps=steps, optimizer=optimizer)
+        out[name] = {"seconds_per_step": seconds, "non_pad_tokens_per_second": real_tokens / seconds}
+    for name in ("ours_padded", "ours_packed"):
+        out[f"{name}_speedup_vs_transformers"] = (
+            out["transformers"]["seconds_per_step"] / out[name]["seconds_per_step"]
+        )
+    return out
+
+
+def engine_packing_runs(ctx: Context) -> dict[str, Any]:
+    """The engine on the corpus, padded vs packed batches; the padded run profiles a few steady-state steps."""
+    steps, log_every = (4, 2) if ctx.tiny else (40, 10)
+    config = "sanity" if ctx.tiny else "10m"
+    results: dict[str, Any] = {}
+    for packing in (False, True):
+        run_dir = Path(ctx.workdir) / f"engine_{config}_packing_{packing}"
+        overrides = [f"training.max_steps={steps}", f"logging.log_every={log_every}", "logging.eval_every=0",
+                     f"checkpoint.save_every={steps}", "scheduler.warmup_steps=10",
+                     f"data.packing={str(packing).lower()}"]  # fmt: skip
+        if not packing:
+            overrides.append(f"logging.profile_steps=[{steps - 3},{steps - 2}]")
+        proc = run_command(train_command(ctx, config, run_dir, overrides), timeout_s=120)
+        print(f"--- engine {config}, packing={packing}: exit {proc.returncode}\n{tail(proc.stdout, 8)}", flush=True)
+        if proc.returncode != 0:
+            results[f"packing_{packing}"] = {"error": f"exit {proc.returncode}: {root_cause(proc.stdout)}"}
+            continue
+        last = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r][-2]  # before the profile
+        results[f"packing_{packing}"] = {k: v for k, v in last.items() if k.startswith("train/")}
+        for table in sorted((run_dir / "profile").glob("*.txt")):
+            results["profile_padded"] = table.read_text()[:6000]
+            print(results["profile_padded"], flush=True)
+    return results
+
+
+def section_packing(ctx: Context) -> dict[str, Any]:
+    """Packed vs padded batches: equal results, step time vs transformers, and the engine with data.packing."""
+    import torch
+
+    sizes = [("sanity", 4, 128, 1_000)] if ctx.tiny else [("10m", 12, 2_048, V1_VOCAB), ("106m", 8, 4_096, V2_VOCAB)]
+    results: dict[str, Any] = {"varlen_attention": _varlen_available()}
+    errors = []
+    for preset, batch, length, vocab in sizes:
+        for key in (f"{preset}_equal", f"{preset}_speed"):
+            try:
+                if key.endswith("_equal"):
+                    results[key] = packed_matches_padded(preset, vocab, length, ctx)
+                else:
+                    results[key] = packing_microbenchmark(preset, batch, length, vocab, ctx)
+                print(f"--- {key}: {json.dumps(results[key])}", flush=True)
+            except Exception as err:
+                results[key] = {"error": f"{type(err).__name__}: {err}"}
+                errors.append(key)
+                traceback.print_exc()
+            if ctx.on_gpu:
+                torch.cuda.empty_cache()
+    try:
+        results["engine"] = engine_packing_runs(ctx)
+        errors += [f"engine {k}" for k, v in results["engine"].items() if isinstance(v, dict) and "error" in v]
+    except Exception as err:
+        results["engine"] = {"error": f"{type(err).__name__}: {err}"}
+        errors.append("engine")
+    if errors:
+        msg = f"failed: {errors}"
+        raise SectionError(msg, results)
+    return results
+
+
+def _varlen_available() -> bool:
+    """Whether this torch has flash ``varlen_attn`` (used for packed batches on CUDA)."""
+    from geneformer_workflow.model.layers import _flash_varlen
+
+    return _flash_varlen() is not None
+
+
 # ============================================================================================ 4b memory
 def memory_case(model: Any, batch: int, length: int, vocab: int, *, checkpointing: bool, ctx: Context) -> dict:
     """Peak memory and speed of forward + backward for one micro-batch size (OOM is a result, not an error)."""
@@ -573,6 +707,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "backends": section_backends,
     "throughput": section_throughput,
     "memory_4b": section_memory_4b,
+    "packing": section_packing,
 }
 
 
@@ -656,6 +791,18 @@ def summary_line(name: str, record: dict[str, Any]) -> str:
         engine = res.get("engine", {}).get("metrics", {})
         if "train/mfu" in engine:
             detail += f"; engine train/mfu {engine['train/mfu']:.1f}%"
+    elif name == "packing" and res:
+        parts = [f"varlen {res.get('varlen_attention')}"]
+        for key, value in res.items():
+            if key.endswith("_speed") and "ours_packed" in value:
+                parts.append(f"{key[:-6]}: packed {value['ours_packed_speedup_vs_transformers']:.2f}x, padded "
+                             f"{value['ours_padded_speedup_vs_transformers']:.2f}x vs transformers")  # fmt: skip
+        engine = res.get("engine", {})
+        for packing in ("False", "True"):
+            tok = engine.get(f"packing_{packing}", {}).get("train/unpadded_tokens_per_second")
+            if tok:
+                parts.append(f"engine packing={packing}: {tok:,.0f} tok/s")
+        detail = ", ".join(parts)
     elif name == "memory_4b" and res:
         detail = ", ".join(f"{memory_label(c)}: {memory_value(c)}" for c in res.get("cases", []))
     return f"{name:<12} {status:<8} {record.get('seconds', 0):>6.0f} s  {detail}"

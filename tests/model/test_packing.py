@@ -78,3 +78,33 @@ def test_a_packed_row_must_hold_exactly_the_described_tokens(random_model):
     too_long = PackedSequences.from_lengths([17])
     with pytest.raises(ValueError, match="exceed max_position_embeddings=16"):
         random_model(torch.ones(1, 17, dtype=torch.long), packed=too_long)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="requires_gpu: needs a CUDA device")
+def test_flash_varlen_packed_attention_matches_padded_sdpa_on_cuda(random_model, padded_batch, monkeypatch):
+    from geneformer_workflow.model import layers
+
+    model = random_model.cuda().train()
+    b = padded_batch
+    ids, mask, labels = (t.cuda() for t in (b.input_ids, b.attention_mask, b.labels))
+    ids_1T, labels_1T, packed = unpad(ids, mask, labels)
+
+    def step(**kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**kwargs)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded_loss, padded_grads = step(input_ids=ids, attention_mask=mask, labels=labels)
+    varlen_loss, varlen_grads = step(input_ids=ids_1T, labels=labels_1T, packed=packed)
+    monkeypatch.setattr(layers, "_flash_varlen", lambda: None)  # the per-cell SDPA path, for comparison
+    loop_loss, _ = step(input_ids=ids_1T, labels=labels_1T, packed=packed)
+    # bf16: compare within bf16 rounding (relative), gradients by their relative error norm per parameter.
+    torch.testing.assert_close(varlen_loss, padded_loss, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(varlen_loss, loop_loss, atol=1e-2, rtol=1e-2)
+    for name, grad in varlen_grads.items():
+        reference = padded_grads[name].float()
+        error = (grad.float() - reference).norm() / reference.norm().clamp_min(1e-6)
+        assert error < 5e-2, f"{name}: relative gradient error {error:.3g}"

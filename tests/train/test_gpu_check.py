@@ -13,7 +13,7 @@ import pytest
 from .conftest import REPO, subprocess_env
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-SECTIONS = ["environment", "tests", "backends", "throughput", "memory_4b"]
+SECTIONS = ["environment", "tests", "backends", "throughput", "memory_4b", "packing"]
 
 
 def load_script():
@@ -49,6 +49,11 @@ def test_dry_run_exercises_every_section_on_cpu(small_corpus, tmp_path):
     assert throughput["sanity"]["tokens_per_second"] > 0
     assert throughput["engine"]["metrics"]["train/mfu"] > 0  # the dry run sets logging.peak_tflops=1
     assert [c["micro_batch"] for c in sections["memory_4b"]["result"]["cases"]] == [1, 2, 1, 1]
+    packing = sections["packing"]["result"]
+    assert packing["sanity_equal"]["max_abs_logit_difference"] < 1e-4  # fp32 on CPU
+    assert packing["sanity_speed"]["ours_packed"]["seconds_per_step"] > 0
+    assert packing["engine"]["packing_True"]["train/unpadded_tokens_per_second"] > 0
+    assert "aten::" in packing["engine"]["profile_padded"]
     assert "# Summary" in proc.stdout and (tmp_path / "out" / "gpu_check.md").is_file()
 
 

@@ -76,3 +76,31 @@ def test_sanity_config_trains_with_two_processes_in_under_a_minute(sanity_corpus
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["step"] == 40 and final["validation_loss"] is not None
     assert elapsed < 90, f"sanity run took {elapsed:.0f} s"  # about 40 s on 2 busy cores; a generous guard
+
+
+def test_packed_batches_train_like_padded_ones(small_corpus, tmp_path, single_process_losses):
+    main(compose(small_corpus, tmp_path, *EQUIVALENCE, "training.grad_accum_steps=2", "data.packing=true"))
+    packed = train_losses(tmp_path)
+    assert packed == pytest.approx(single_process_losses, abs=1e-5, rel=0)
+    last = [r for r in read_metrics(tmp_path) if "train/loss" in r][-1]
+    # No cell is padded to the longest: only the tail up to pad_to_multiple_of (8) remains.
+    assert last["train/unpadded_tokens_per_second"] >= 0.95 * last["train/tokens_per_second"]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_packed_matches_one_process_padded(small_corpus, tmp_path, single_process_losses):
+    run_training(2, small_corpus.overrides(tmp_path, *FAST, *EQUIVALENCE, "backend.name=fsdp2", "data.packing=true"))
+    assert train_losses(tmp_path) == pytest.approx(single_process_losses, abs=1e-5, rel=0)
+
+
+def test_profile_steps_writes_an_operator_table_and_a_trace(small_corpus, tmp_path):
+    main(compose(small_corpus, tmp_path, "training.max_steps=4", "logging.profile_steps=[2,3]"))
+    table = (tmp_path / "profile" / "rank0_steps2-3.txt").read_text()
+    assert "aten::" in table and "Self CPU" in table
+    assert (tmp_path / "profile" / "rank0_steps2-3.json").stat().st_size > 0
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_profile_steps_must_be_an_ordered_pair(small_corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"logging.profile_steps=\[3, 2\]"):
+        main(compose(small_corpus, tmp_path, "training.max_steps=4", "logging.profile_steps=[3,2]"))

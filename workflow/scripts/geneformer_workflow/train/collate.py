@@ -1,4 +1,4 @@
-"""Cells → one padded, masked micro-batch of tensors."""
+"""Cells → one masked micro-batch of tensors: padded (B, T), or packed into one row (1, T_total)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..model.packing import PackedSequences
 from .masking import IGNORE_INDEX, MaskingConfig, cell_rng, mask_tokens
 
 
@@ -15,12 +16,15 @@ class Batch:
     """One micro-batch.
 
     Attributes:
-        input_ids: (B, T) int64, masked tokens, right-padded with ``<pad>``.
-        attention_mask: (B, T) int64, 1 for real tokens.
-        labels: (B, T) int64, original ids where masked, ``IGNORE_INDEX`` elsewhere.
+        input_ids: (B, T) int64, masked tokens, right-padded with ``<pad>``; packed: (1, T_total), the cells end
+            to end, then ``<pad>`` up to a multiple of ``pad_to_multiple_of``.
+        attention_mask: (B, T) int64, 1 for real tokens (packed: 1 for every cell token, 0 for the pad tail).
+        labels: Same shape, original ids where masked, ``IGNORE_INDEX`` elsewhere.
         n_tokens: Real (unpadded) tokens in the batch.
         n_masked: Tokens that count in the loss.
         sum_sq_lengths: Sum over cells of (real length)², for the attention FLOPs of the MFU metric.
+        packed: Where each cell lies in the packed row (the pad tail is one more sequence of its own, so no cell
+            attends to it); None for a padded batch.
     """
 
     input_ids: torch.Tensor
@@ -29,6 +33,7 @@ class Batch:
     n_tokens: int
     n_masked: int
     sum_sq_lengths: int = 0
+    packed: PackedSequences | None = None
 
     @property
     def n_padded_tokens(self) -> int:
@@ -44,6 +49,7 @@ class Batch:
             n_tokens=self.n_tokens,
             n_masked=self.n_masked,
             sum_sq_lengths=self.sum_sq_lengths,
+            packed=None if self.packed is None else self.packed.to(device),
         )
 
 
@@ -56,8 +62,10 @@ class Collator:
         pad_id: ``<pad>`` id.
         eos_id: ``<eos>`` id or None; a truncated cell that ended with ``<eos>`` keeps it as its last token.
         max_length: ``data.max_length``; longer cells keep their first (highest-ranked) tokens.
-        pad_to_multiple_of: Round the padded length up to this (8 suits tensor cores, 16 FP8 GEMMs).
+        pad_to_multiple_of: Round the padded length up to this (8 suits tensor cores, 16 FP8 GEMMs); packed
+            batches round their total length.
         seed: ``seed``; with stream, epoch and cell index it keys each cell's mask.
+        pack: ``data.packing``: lay the cells end to end in one row instead of padding each to the longest.
     """
 
     masking: MaskingConfig
@@ -66,6 +74,7 @@ class Collator:
     max_length: int
     pad_to_multiple_of: int
     seed: int
+    pack: bool = False
 
     def truncate(self, ids: np.ndarray) -> np.ndarray:
         """Keep the first ``max_length`` tokens (and a final ``<eos>``)."""
@@ -81,8 +90,14 @@ class Collator:
             mask_tokens(self.truncate(np.asarray(ids)), cell_rng(self.seed, stream, epoch, int(idx)), self.masking)
             for ids, idx in zip(cells, cell_indices, strict=True)
         ]
-        longest = max(p[0].shape[0] for p in pairs)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return self._packed(pairs) if self.pack else self._padded(pairs)
+
+    def _round_up(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+    def _padded(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
+        """(B, T): every cell right-padded to the longest, rounded up."""
+        width = self._round_up(max(p[0].shape[0] for p in pairs))
         input_ids = np.full((len(pairs), width), self.pad_id, dtype=np.int64)
         labels = np.full((len(pairs), width), IGNORE_INDEX, dtype=np.int64)
         attention = np.zeros((len(pairs), width), dtype=np.int64)
@@ -90,6 +105,30 @@ class Collator:
             input_ids[row, : inputs.shape[0]] = inputs
             labels[row, : targets.shape[0]] = targets
             attention[row, : inputs.shape[0]] = 1
+        return self._batch(input_ids, attention, labels, pairs, packed=None)
+
+    def _packed(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
+        """(1, T_total): the cells end to end, the total rounded up with a pad tail (its own attention block)."""
+        lengths = [int(p[0].shape[0]) for p in pairs]
+        total = sum(lengths)
+        width = self._round_up(total)
+        input_ids = np.full((1, width), self.pad_id, dtype=np.int64)
+        labels = np.full((1, width), IGNORE_INDEX, dtype=np.int64)
+        attention = np.zeros((1, width), dtype=np.int64)
+        input_ids[0, :total] = np.concatenate([p[0] for p in pairs])
+        labels[0, :total] = np.concatenate([p[1] for p in pairs])
+        attention[0, :total] = 1
+        blocks = lengths + ([width - total] if width > total else [])
+        return self._batch(input_ids, attention, labels, pairs, packed=PackedSequences.from_lengths(blocks))
+
+    @staticmethod
+    def _batch(
+        input_ids: np.ndarray,
+        attention: np.ndarray,
+        labels: np.ndarray,
+        pairs: list[tuple[np.ndarray, np.ndarray]],
+        packed: PackedSequences | None,
+    ) -> Batch:
         return Batch(
             input_ids=torch.from_numpy(input_ids),
             attention_mask=torch.from_numpy(attention),
@@ -97,4 +136,5 @@ class Collator:
             n_tokens=int(attention.sum()),
             n_masked=int((labels != IGNORE_INDEX).sum()),
             sum_sq_lengths=sum(int(p[0].shape[0]) ** 2 for p in pairs),
+            packed=packed,
         )

@@ -295,6 +295,7 @@ def data_settings(cfg: DictConfig) -> DataSettings:
         mlm_probability=float(cfg.data.mlm_probability),
         mask_replace_prob=float(cfg.data.mask_replace_prob),
         random_replace_prob=float(cfg.data.random_replace_prob),
+        packing=bool(cfg.data.packing),
     )
 
 

@@ -5,7 +5,7 @@
    write their own.
 2. Plan each epoch's global batches with a seeded shuffle and length grouping, and split
    them into per-rank micro-batches (:mod:`.sampler`); step ``s`` always maps to the same cells.
-3. Truncate, mask (per-cell RNG, :mod:`.masking`) and pad each micro-batch (:mod:`.collate`).
+3. Truncate, mask (per-cell RNG, :mod:`.masking`) and pad or pack each micro-batch (:mod:`.collate`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class DataSettings:
     mlm_probability: float
     mask_replace_prob: float
     random_replace_prob: float
+    packing: bool = False
 
 
 def prepare_cache(settings: DataSettings, runtime: Runtime) -> Path:
@@ -135,6 +136,7 @@ def load_training_data(
         max_length=settings.max_length,
         pad_to_multiple_of=settings.pad_to_multiple_of,
         seed=seed,
+        pack=settings.packing,
     )
     lengths = np.minimum(train.lengths, settings.max_length)
     sampler = GlobalBatchSampler(lengths=lengths, layout=layout, seed=seed, window_batches=settings.window_batches)

@@ -41,6 +41,7 @@ from .init_from import init_from
 from .masking import IGNORE_INDEX
 from .metrics import MetricsLogger, memory_metrics, model_flops, peak_flops, throughput_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
+from .profiling import StepProfiler
 from .parallel import (
     autocast_context,
     gradient_sync,
@@ -112,6 +113,9 @@ class Trainer:
         self.state = TrainState()
         self.app = AppState(self.model, self.optimizer, self.scheduler, self.state, backend=self.backend)
         self.stop = StopRequest()
+        self.profiler = StepProfiler(
+            cfg.logging.get("profile_steps"), self.run_dir / "profile", runtime.device, runtime.dist.rank
+        )
         self.metrics: MetricsLogger | None = None
         self.last_train_loss: float | None = None
         self.last_validation: dict[str, float] = {}
@@ -157,12 +161,14 @@ class Trainer:
         log_every, eval_every = int(self.cfg.logging.log_every), int(self.cfg.logging.eval_every)
         save_every = int(self.cfg.checkpoint.save_every)
         while self.state.step < self.max_steps:
+            self.profiler.before_step(self.state.step + 1)
             if not self.train_step():
                 if self.runtime.dist.is_main:
                     log.warning("stop signal: saving a checkpoint at step %d and exiting", self.state.step)
                 self.save()
                 return self._loss_or_nan()
             step, last = self.state.step, self.state.step == self.max_steps
+            self.profiler.after_step(step)
             if step % log_every == 0 or last:
                 self.log_train()
             if eval_every > 0 and step % eval_every == 0 and not last:
@@ -189,7 +195,7 @@ class Trainer:
             batch = batch.to(self.runtime.device)
             with gradient_sync(self.model, self.backend, sync=i == len(batches) - 1):
                 with autocast_context(self.backend, self.runtime.device, self.compute_dtype):
-                    out = self.model(batch.input_ids, batch.attention_mask, batch.labels)
+                    out = self.model(batch.input_ids, batch.attention_mask, batch.labels, packed=batch.packed)
                 ce_sum = out.loss * out.num_masked  # the model's loss is the mean over this micro-batch
                 (ce_sum * scale).backward()
             self._loss_sum += ce_sum.detach().double()
@@ -285,7 +291,7 @@ class Trainer:
         ):
             batch = self.data.validation_batch(indices).to(self.runtime.device)
             with autocast_context(self.backend, self.runtime.device, self.compute_dtype):
-                out = self.model(batch.input_ids, batch.attention_mask, batch.labels)
+                out = self.model(batch.input_ids, batch.attention_mask, batch.labels, packed=batch.packed)
             if counts:  # filler batches only keep FSDP's collectives in step
                 targets = batch.labels[batch.labels != IGNORE_INDEX]
                 correct = (out.logits.argmax(dim=-1) == targets).sum()
