@@ -105,6 +105,8 @@ def test_flash_varlen_packed_attention_matches_padded_sdpa_on_cuda(random_model,
     torch.testing.assert_close(varlen_loss, padded_loss, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(varlen_loss, loop_loss, atol=1e-2, rtol=1e-2)
     for name, grad in varlen_grads.items():
+        if name.endswith("attention.self.key.bias"):
+            continue  # its true gradient is 0 (softmax ignores a per-query constant): both sides are rounding noise
         reference = padded_grads[name].float()
         error = (grad.float() - reference).norm() / reference.norm().clamp_min(1e-6)
         assert error < 5e-2, f"{name}: relative gradient error {error:.3g}"

@@ -2,7 +2,8 @@
 
 Modules: ``config`` (``ModelConfig``, ``MODEL_PRESETS``), ``layers`` (one layer from swappable Linear /
 LayerNorm / attention primitives), ``packing`` (unpadded "thd" batches), ``bert`` (the model), ``hf`` (export to /
-import from Hugging Face directories). See docs/model.md.
+import from Hugging Face directories), ``te`` (Transformer Engine primitives, TE <-> HF names, FP8 autocast; TE is
+imported only when used). See docs/model.md.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ from .config import MODEL_PRESETS, ModelConfig, num_parameters
 from .hf import load_hf_directory, save_hf_directory, save_hf_state_dict, to_hf_state_dict
 from .layers import TORCH_PRIMITIVES, Primitives
 from .packing import PackedSequences, unpad
+from .te import (
+    fp8_autocast_context,
+    hf_state_dict_to_te,
+    require_te,
+    resolve_fp8_recipe,
+    te_primitives,
+    te_state_dict_to_hf,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -22,10 +31,16 @@ __all__ = [
     "ModelConfig",
     "PackedSequences",
     "Primitives",
+    "fp8_autocast_context",
+    "hf_state_dict_to_te",
     "load_hf_directory",
     "num_parameters",
+    "require_te",
+    "resolve_fp8_recipe",
     "save_hf_directory",
     "save_hf_state_dict",
+    "te_primitives",
+    "te_state_dict_to_hf",
     "to_hf_state_dict",
     "unpad",
 ]

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers import TORCH_PRIMITIVES, BertLayer, Primitives
@@ -73,6 +72,7 @@ class BertEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, prims: Primitives) -> None:
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg, prims) for _ in range(cfg.num_hidden_layers))
+        self.checkpoint = prims.checkpoint
         self.gradient_checkpointing = cfg.gradient_checkpointing
 
     def forward(
@@ -82,9 +82,7 @@ class BertEncoder(nn.Module):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layer:
             if recompute:
-                # Non-reentrant checkpointing works with FSDP2 and keyword-free calls; RNG state is restored, so
-                # dropout masks are identical in the recomputation.
-                x_BTH = checkpoint(layer, x_BTH, mask, use_reentrant=False)
+                x_BTH = self.checkpoint(layer, x_BTH, mask)
             else:
                 x_BTH = layer(x_BTH, mask)
             if hidden_states is not None:

@@ -1,7 +1,8 @@
 """Hugging Face interop: export to and import from a ``save_pretrained``-style ``BertForMaskedLM`` directory.
 
 Our parameter names ARE the Hugging Face names (see ``layers.py``), so the key map is the identity apart from
-the few keys listed below. A future Transformer Engine variant with fused QKV would add its map here.
+the few keys listed below. State dicts of a Transformer Engine model go through ``te.te_state_dict_to_hf`` on
+export, which drops TE's ``_extra_state`` entries and refuses keys that belong to no BERT module.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from .bert import GeneformerForMaskedLM
 from .config import ModelConfig
+from .te import te_state_dict_to_hf
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,6 @@ IGNORED_IMPORT_KEYS: tuple[str, ...] = (
     "cls.seq_relationship.weight",  # BertForPreTraining next-sentence head
     "cls.seq_relationship.bias",
 )
-# Suffixes of non-weight state that is never exported (Transformer Engine FP8 metadata).
-IGNORED_EXPORT_SUFFIXES: tuple[str, ...] = ("_extra_state",)
 # Module-name segments that wrappers insert into state-dict keys (torch.compile, activation-checkpoint wrapper),
 # and the leading prefix of DDP / megatron-fsdp wrappers.
 _WRAPPER_SEGMENTS: tuple[str, ...] = ("_orig_mod.", "_checkpoint_wrapped_module.")
@@ -53,8 +53,9 @@ _WRAPPER_PREFIX = "module."
 def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (possibly wrapped) state dict -> the tensors a HF ``model.safetensors`` holds.
 
-    Drops the tied aliases and ``_extra_state``, strips wrapper prefixes, and makes every tensor a contiguous,
-    detached CPU tensor. Pass a *full* (unsharded) state dict, e.g. from
+    Drops the tied aliases and Transformer Engine ``_extra_state``, strips wrapper prefixes, and makes every tensor
+    a contiguous, detached CPU tensor; keys that belong to no BERT module raise a ``ValueError``. Pass a *full*
+    (unsharded) state dict, e.g. from
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(
     full_state_dict=True, cpu_offload=True))``.
     """
@@ -63,14 +64,13 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 def _hf_items(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """(HF key, tensor) pairs of the keys that a HF checkpoint holds, tensors untouched (may be on meta)."""
-    items = []
+    unwrapped = {}
     for key, tensor in state_dict.items():
         for segment in _WRAPPER_SEGMENTS:
             key = key.replace(segment, "")
-        key = key.removeprefix(_WRAPPER_PREFIX)
-        if key not in TIED_KEYS and not key.endswith(IGNORED_EXPORT_SUFFIXES):
-            items.append((key, tensor))
-    return items
+        unwrapped[key.removeprefix(_WRAPPER_PREFIX)] = tensor
+    # TE models add `_extra_state` (FP8 metadata) per module; the conversion drops it and refuses unknown keys.
+    return [(key, tensor) for key, tensor in te_state_dict_to_hf(unwrapped).items() if key not in TIED_KEYS]
 
 
 def save_hf_directory(

@@ -15,16 +15,34 @@ I feed-forward size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .config import ModelConfig
 from .packing import PackedSequences
+
+# SDPA backends on CUDA: cuDNN attention is left out on purpose. It builds (and caches) a cuDNN graph for every new
+# input shape, about 5 ms of CPU time per call; with variable-length batches almost every step has new shapes, and
+# this overhead made a 10m training step 6x slower than its GPU time on an H200 (benchmarks/gpu_check.md).
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@contextlib.contextmanager
+def sdpa_backends(tensor: torch.Tensor) -> Iterator[None]:
+    """Restrict SDPA to ``CUDA_SDPA_BACKENDS`` for CUDA tensors; PyTorch's default choice elsewhere."""
+    if tensor.is_cuda:
+        with sdpa_kernel(CUDA_SDPA_BACKENDS):
+            yield
+    else:
+        yield
 
 
 class SDPAttention(nn.Module):
@@ -74,7 +92,8 @@ class SDPAttention(nn.Module):
             ctx_1TND = packed_attention(query_BTND, key_BTND, value_BTND, mask, dropout_p)
             return ctx_1TND.reshape(batch, seq_len, self.num_heads * self.head_dim)  # (1, T_total, H)
         q_BNTD, k_BNTD, v_BNTD = (x.transpose(1, 2) for x in (query_BTND, key_BTND, value_BTND))
-        ctx_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BNTD, v_BNTD, attn_mask=mask, dropout_p=dropout_p)
+        with sdpa_backends(q_BNTD):
+            ctx_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BNTD, v_BNTD, attn_mask=mask, dropout_p=dropout_p)
         return ctx_BNTD.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)  # (B, T, H)
 
 
@@ -93,8 +112,8 @@ def packed_attention(
     """Block-diagonal attention over packed sequences (T = T_total): (1, T, N, D) -> (1, T, N, D).
 
     On CUDA in bf16/fp16 without dropout this is one flash-attention ``varlen_attn`` call over ``cu_seqlens``
-    ("thd" layout); otherwise (CPU, fp32, attention dropout) SDPA runs once per sequence on exactly its tokens
-    (4-D views: SDPA's fused CPU kernel wants them), so no compute is spent on padding either way.
+    ("thd" layout); otherwise (CPU, fp32, attention dropout: ``varlen_attn`` has none) SDPA runs once per sequence
+    on exactly its tokens (4-D views: SDPA's fused CPU kernel wants them), so no compute is spent on padding.
     """
     varlen = _flash_varlen() if q_1TND.is_cuda and dropout_p == 0.0 else None
     if varlen is not None and q_1TND.dtype in (torch.bfloat16, torch.float16):
@@ -102,11 +121,19 @@ def packed_attention(
         ctx_TND = varlen(q_1TND[0], k_1TND[0], v_1TND[0], cu, cu, packed.max_seqlen, packed.max_seqlen)
         return ctx_TND.unsqueeze(0)
     outputs = []
-    for q_1LND, k_1LND, v_1LND in zip(*(x.split(packed.lengths, 1) for x in (q_1TND, k_1TND, v_1TND)), strict=True):
-        q_1NLD, k_1NLD, v_1NLD = (x.transpose(1, 2) for x in (q_1LND, k_1LND, v_1LND))
-        ctx_1NLD = F.scaled_dot_product_attention(q_1NLD, k_1NLD, v_1NLD, dropout_p=dropout_p)
-        outputs.append(ctx_1NLD.transpose(1, 2))
+    with sdpa_backends(q_1TND):
+        pieces = (x.split(packed.lengths, 1) for x in (q_1TND, k_1TND, v_1TND))
+        for q_1LND, k_1LND, v_1LND in zip(*pieces, strict=True):
+            q_1NLD, k_1NLD, v_1NLD = (x.transpose(1, 2) for x in (q_1LND, k_1LND, v_1LND))
+            ctx_1NLD = F.scaled_dot_product_attention(q_1NLD, k_1NLD, v_1NLD, dropout_p=dropout_p)
+            outputs.append(ctx_1NLD.transpose(1, 2))
     return torch.cat(outputs, 1)  # (1, T, N, D)
+
+
+def checkpoint_layer(layer: nn.Module, *args: Any) -> torch.Tensor:
+    """Run ``layer(*args)`` and recompute its activations in the backward pass (non-reentrant: works with FSDP2;
+    RNG state is restored, so dropout masks are identical in the recomputation)."""
+    return torch_checkpoint(layer, *args, use_reentrant=False)
 
 
 def torch_linear(in_features: int, out_features: int) -> nn.Module:
@@ -135,12 +162,15 @@ class Primitives:
             training, and accept a ``PackedSequences`` as ``mask`` for packed (1, T_total) batches.
         prepare_mask: Converts the (B, T) 1 = token / 0 = pad mask once per forward into what ``attention``
             takes (for SDPA a (B, 1, 1, T) boolean keep-mask; for TE a (B, 1, 1, T) mask with True = masked).
+        checkpoint: ``(layer, *args) -> output`` with activation recomputation (``model.gradient_checkpointing``);
+            TE's variant also restores its FP8 state for the recomputation.
     """
 
     linear: Callable[[int, int], nn.Module]
     layer_norm: Callable[[int, float], nn.Module]
     attention: Callable[[int, int, float], nn.Module]
     prepare_mask: Callable[[torch.Tensor], Any]
+    checkpoint: Callable[..., torch.Tensor] = checkpoint_layer
 
 
 TORCH_PRIMITIVES = Primitives(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..model import GeneformerForMaskedLM, ModelConfig, load_hf_directory
+from ..model import GeneformerForMaskedLM, ModelConfig, hf_state_dict_to_te, load_hf_directory
 from ..model.config import SHAPE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -46,5 +46,6 @@ def init_from(model: GeneformerForMaskedLM, config: ModelConfig, path: str | Pat
             "choose the matching model size, data.max_length and the checkpoint's token dictionary"
         )
         raise ValueError(msg)
-    model.load_state_dict(source.state_dict())
+    extra_state = [key for key in model.state_dict() if key.endswith("._extra_state")]  # Transformer Engine only
+    model.load_state_dict(hf_state_dict_to_te(source.state_dict(), extra_state_keys=extra_state))
     log.info("initialised the model from %s", path)

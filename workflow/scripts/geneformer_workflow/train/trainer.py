@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..model import GeneformerForMaskedLM, ModelConfig
+from ..model import (
+    TORCH_PRIMITIVES,
+    GeneformerForMaskedLM,
+    MaskedLMOutput,
+    ModelConfig,
+    fp8_autocast_context,
+    resolve_fp8_recipe,
+    te_primitives,
+)
 from .checkpoint import (
     FINAL_FILE,
     AppState,
@@ -41,7 +49,6 @@ from .init_from import init_from
 from .masking import IGNORE_INDEX
 from .metrics import MetricsLogger, memory_metrics, model_flops, peak_flops, throughput_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
-from .profiling import StepProfiler
 from .parallel import (
     autocast_context,
     gradient_sync,
@@ -52,6 +59,7 @@ from .parallel import (
     wrap_model_fsdp2,
     wrap_model_mfsdp,
 )
+from .profiling import StepProfiler
 from .sampler import BatchLayout
 from .signals import StopRequest
 from .vocab import load_vocab
@@ -75,11 +83,6 @@ def check_te_support(cfg: DictConfig) -> None:
     """Refuse Transformer Engine / FP8 where they cannot run, naming the key."""
     if cfg.model.use_te:
         require_te("model.use_te")
-        msg = (
-            "model.use_te=true: the model package does not provide Transformer Engine primitives yet, so this "
-            "trainer cannot build a TE model; set model.use_te=false"
-        )
-        raise NotImplementedError(msg)
     if cfg.fp8.enabled:
         require_te("fp8.enabled")
 
@@ -96,6 +99,15 @@ class Trainer:
         self.vocab = load_vocab(cfg.data.vocab_dir)
         self.backend = resolve_backend(cfg.backend.name, runtime)
         self.compute_dtype = resolve_precision(cfg.training.precision, runtime.device)
+        # None (after one warning) on a GPU without FP8 tensor cores: training then stays bf16.
+        self.fp8_recipe = None
+        if cfg.fp8.enabled:
+            self.fp8_recipe = resolve_fp8_recipe(
+                cfg.fp8.recipe,
+                runtime.device,
+                fp8_format=cfg.fp8.format,
+                recipe_kwargs=to_container(cfg.fp8.recipe_kwargs),
+            )
         self.layout = BatchLayout(
             micro_batch_size=int(cfg.data.micro_batch_size),
             world_size=runtime.dist.world_size,
@@ -124,7 +136,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_model_and_optimizer(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(self.seed)  # every rank builds the same initial weights; FSDP2 then keeps its shard
-        model = GeneformerForMaskedLM(self.model_config)
+        prims = te_primitives() if self.cfg.model.use_te else TORCH_PRIMITIVES
+        model = GeneformerForMaskedLM(self.model_config, prims)
         if self.cfg.model.get("init_from"):
             init_from(model, self.model_config, self.cfg.model.init_from)
         opt_kwargs = {
@@ -194,8 +207,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             batch = batch.to(self.runtime.device)
             with gradient_sync(self.model, self.backend, sync=i == len(batches) - 1):
-                with autocast_context(self.backend, self.runtime.device, self.compute_dtype):
-                    out = self.model(batch.input_ids, batch.attention_mask, batch.labels, packed=batch.packed)
+                out = self._forward(batch)
                 ce_sum = out.loss * out.num_masked  # the model's loss is the mean over this micro-batch
                 (ce_sum * scale).backward()
             self._loss_sum += ce_sum.detach().double()
@@ -212,6 +224,15 @@ class Trainer:
         self._flops += flops
         self._steps += 1
         return True
+
+    def _forward(self, batch: Batch) -> MaskedLMOutput:
+        """One micro-batch forward under bf16 autocast and, when on, Transformer Engine's FP8 autocast."""
+        amax_group = torch.distributed.group.WORLD if self.runtime.has_process_group else None
+        fp8 = fp8_autocast_context(
+            self.fp8_recipe is not None, self.fp8_recipe, self.runtime.device, amax_reduction_group=amax_group
+        )
+        with autocast_context(self.backend, self.runtime.device, self.compute_dtype), fp8:
+            return self.model(batch.input_ids, batch.attention_mask, batch.labels, packed=batch.packed)
 
     def _batch_flops(self, batch: Batch) -> float:
         """Model FLOPs of one micro-batch's forward and backward (host integers only, no device sync)."""
@@ -290,8 +311,7 @@ class Trainer:
             self.seed, self.runtime.dist.world_size, self.runtime.dist.rank
         ):
             batch = self.data.validation_batch(indices).to(self.runtime.device)
-            with autocast_context(self.backend, self.runtime.device, self.compute_dtype):
-                out = self.model(batch.input_ids, batch.attention_mask, batch.labels, packed=batch.packed)
+            out = self._forward(batch)
             if counts:  # filler batches only keep FSDP's collectives in step
                 targets = batch.labels[batch.labels != IGNORE_INDEX]
                 correct = (out.logits.argmax(dim=-1) == targets).sum()
