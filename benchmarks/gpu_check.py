@@ -83,6 +83,7 @@ class Context:
     corpus: list[str] = field(default_factory=list)
     vocab_dir: str | None = None
     corpus_note: str = ""
+    engine_config: str = "10m"
 
     @property
     def on_gpu(self) -> bool:
@@ -568,7 +569,7 @@ def packing_microbenchmark(preset: str, batch: int, length: int, vocab: int, ctx
 def engine_packing_runs(ctx: Context) -> dict[str, Any]:
     """The engine on the corpus, padded vs packed batches; the padded run profiles a few steady-state steps."""
     steps, log_every = (4, 2) if ctx.tiny else (40, 10)
-    config = "sanity" if ctx.tiny else "10m"
+    config = "sanity" if ctx.tiny else ctx.engine_config
     results: dict[str, Any] = {}
     for packing in (False, True):
         run_dir = Path(ctx.workdir) / f"engine_{config}_packing_{packing}"
@@ -837,6 +838,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--corpus", nargs="+", help="tokenized parquet files or dirs of them (default: demo corpus, else synthetic)"
     )
     parser.add_argument("--vocab-dir", help="vocab dir of --corpus")
+    parser.add_argument("--engine-config", default="10m", help="training config of the packing section's engine runs")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: /tmp/gfw_gpu_check_<pid>)")
     parser.add_argument("--run-section", choices=list(SECTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--context", type=Path, help=argparse.SUPPRESS)
@@ -856,7 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (args.workdir or Path("/tmp") / f"gfw_gpu_check_{os.getpid()}").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     corpus, vocab_dir, note = resolve_corpus(args, workdir)
-    ctx = Context(device=device, tiny=tiny, workdir=str(workdir), corpus=corpus, vocab_dir=vocab_dir, corpus_note=note)
+    ctx = Context(device=device, tiny=tiny, workdir=str(workdir), corpus=corpus, vocab_dir=vocab_dir, corpus_note=note,
+                  engine_config=args.engine_config)  # fmt: skip
     ctx_file = workdir / "context.json"
     ctx_file.write_text(json.dumps(asdict(ctx)))
     started, stamp = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
