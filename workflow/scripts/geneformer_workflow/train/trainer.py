@@ -59,6 +59,7 @@ from .parallel import (
     wrap_model_fsdp2,
     wrap_model_mfsdp,
 )
+from .prefetch import BatchPrefetcher
 from .profiling import StepProfiler
 from .sampler import BatchLayout
 from .signals import StopRequest
@@ -114,6 +115,12 @@ class Trainer:
             grad_accum=int(cfg.training.grad_accum_steps),
         )
         self.data = load_training_data(data_settings(cfg), self.vocab, runtime, layout=self.layout, seed=self.seed)
+        self.prefetcher = BatchPrefetcher(
+            self.data.train_micro_batches,
+            enabled=bool(cfg.data.prefetch),
+            pin_memory=runtime.device.type == "cuda",
+            end_step=self.max_steps,
+        )
         self.model_config = ModelConfig(
             vocab_size=self.vocab.size, pad_token_id=self.vocab.pad_id, **model_fields(cfg)
         )
@@ -194,7 +201,7 @@ class Trainer:
     def train_step(self) -> bool:
         """One optimizer step on this rank's micro-batches; False (and no update) when a stop was requested."""
         step, rank = self.state.step, self.runtime.dist.rank
-        epoch, batches = self.data.train_micro_batches(step, rank)
+        epoch, batches = self.prefetcher.get(step, rank)
         local = [sum(b.n_masked for b in batches), float(self.stop.requested)]
         local += [sum(b.n_tokens for b in batches), sum(b.n_padded_tokens for b in batches)]
         local += [sum(self._batch_flops(b) for b in batches)]
@@ -438,4 +445,5 @@ class Trainer:
         """Close loggers and restore signal handlers (always called, also on errors)."""
         if self.metrics is not None:
             self.metrics.close()
+        self.prefetcher.close()
         self.stop.restore()
