@@ -125,6 +125,11 @@ COMMANDS: dict[str, Cover] = {
         "parse", (EXPORT,), "needs a trained run directory"
     ),
     "bash benchmarks/gpu_wheels.sh": Cover("syntax", why="downloads wheels for the GPU machine (network)"),
+    "bash benchmarks/gpu_check.sh": Cover(
+        "syntax",
+        ("tests/train/test_gpu_check.py::test_dry_run_exercises_every_section_on_cpu",),
+        "needs a CUDA GPU; its Python part runs on CPU with --dry-run",
+    ),
 }
 
 # Where a quoted message comes from, when not from this project: "package/subdir" of its installed sources.
