@@ -68,11 +68,27 @@ def wrap_model_fsdp2(
 
     mesh = init_device_mesh(runtime.device.type, (runtime.dist.world_size,), mesh_dim_names=("dp",))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    model.to(runtime.device)
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(runtime.device)  # a meta-device model is materialised after sharding (load_full_from_rank0)
     for layer in model.encoder_layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, mp_policy=policy, **fully_shard_kwargs)
     return model
+
+
+def load_full_from_rank0(sharded: nn.Module, full: nn.Module | None, runtime: Runtime) -> None:
+    """Materialise an FSDP2 model built on the meta device with the weights of ``full``, held by rank 0 only.
+
+    Only rank 0 ever holds the whole model (on CPU); the others allocate just their shards, which rank 0's
+    weights are broadcast into. So a node of 8 ranks needs one full copy of host memory instead of 8 (about
+    12 GB each for the 2.9 B-parameter 4b model), and every rank starts from exactly rank 0's weights.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    sharded.to_empty(device=runtime.device)  # FSDP2 keeps tied parameters tied through to_empty
+    state = full.state_dict() if full is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(sharded, state, options=options)
 
 
 def wrap_model_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:

@@ -25,6 +25,7 @@ from ..model import (
     GeneformerForMaskedLM,
     MaskedLMOutput,
     ModelConfig,
+    Primitives,
     fp8_autocast_context,
     resolve_fp8_recipe,
     te_primitives,
@@ -52,6 +53,7 @@ from .optim import build_optimizer, build_scheduler
 from .parallel import (
     autocast_context,
     gradient_sync,
+    load_full_from_rank0,
     require_te,
     resolve_backend,
     resolve_precision,
@@ -141,25 +143,36 @@ class Trainer:
         self._reset_interval()
 
     # ------------------------------------------------------------------ setup
-    def _build_model_and_optimizer(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(self.seed)  # every rank builds the same initial weights; FSDP2 then keeps its shard
-        prims = te_primitives() if self.cfg.model.use_te else TORCH_PRIMITIVES
+    def _initial_model(self, prims: Primitives) -> GeneformerForMaskedLM:
+        """The seeded initial weights (or ``model.init_from``'s), on CPU; the same on every rank that builds it."""
+        torch.manual_seed(self.seed)
         model = GeneformerForMaskedLM(self.model_config, prims)
         if self.cfg.model.get("init_from"):
             init_from(model, self.model_config, self.cfg.model.init_from)
+        return model
+
+    def _build_model_and_optimizer(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        prims = te_primitives() if self.cfg.model.use_te else TORCH_PRIMITIVES
         opt_kwargs = {
             "lr": float(self.cfg.optimizer.lr),
             "weight_decay": float(self.cfg.optimizer.weight_decay),
             "adamw_kwargs": to_container(self.cfg.optimizer.adamw_kwargs),
         }
+        if self.backend == "fsdp2":
+            # Rank 0 builds the full model; the others build it on the meta device and receive their shards.
+            full = self._initial_model(prims) if self.runtime.dist.is_main else None
+            with torch.device("meta"):
+                model = GeneformerForMaskedLM(self.model_config, prims)
+            kwargs = to_container(self.cfg.backend.fully_shard_kwargs)
+            model = wrap_model_fsdp2(model, self.runtime, compute_dtype=self.compute_dtype, fully_shard_kwargs=kwargs)
+            load_full_from_rank0(model, full, self.runtime)
+            return model, build_optimizer(model, **opt_kwargs)
+        model = self._initial_model(prims)
         if self.backend == "mfsdp":
             optimizer = build_optimizer(model, **opt_kwargs)  # megatron-fsdp wraps model and optimizer together
             kwargs = to_container(self.cfg.backend.mfsdp_kwargs)
             return wrap_model_mfsdp(model, optimizer, self.runtime, fully_shard_kwargs=kwargs)
-        if self.backend == "fsdp2":
-            kwargs = to_container(self.cfg.backend.fully_shard_kwargs)
-            model = wrap_model_fsdp2(model, self.runtime, compute_dtype=self.compute_dtype, fully_shard_kwargs=kwargs)
-        elif self.backend == "ddp":
+        if self.backend == "ddp":
             model = wrap_model_ddp(model, self.runtime)
         else:
             model = model.to(self.runtime.device)
