@@ -143,10 +143,7 @@ def test_full_disk_during_a_two_rank_checkpoint_stops_both_ranks_and_the_rerun_m
     )
     assert proc.returncode != 0, proc.stderr
     for rank in (0, 1):
-        assert (
-            f"[rank{rank}]: geneformer_workflow.train.checkpoint.CheckpointError: cannot write checkpoint "
-            in proc.stderr
-        )
+        assert f"[rank{rank}]: gfw train: error: CheckpointError: cannot write checkpoint " in proc.stderr
     assert "step_8: no space left on device (disk full)" in proc.stderr
     assert [s for s, _ in step_dirs(run_dir)] == [4]
     assert not list((run_dir / "checkpoints").glob(".tmp_step_*"))

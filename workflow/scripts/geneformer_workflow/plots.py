@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ._atomic import atomic_path, write_text_atomic
+from ._run_dir import FINAL_FILE, METRICS_FILE, CheckpointError, final_checkpoint, read_jsonl
 
 __all__ = [
     "cli_main",
@@ -184,13 +185,15 @@ def plot_cell_lengths(corpus: list[Path], out: str | Path) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """``metrics.jsonl`` as one row per step (the last value logged wins), sorted by step."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """``metrics.jsonl`` as one row per step (the last value logged wins), sorted by step.
+
+    A partial last line (a killed run) is dropped with a warning; a broken line before it raises ``ValueError``.
+    """
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         msg = f"{path} not found: plot the training curves of a run directory of `gfw train`"
         raise ValueError(msg)
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame(records)
+    frame = pd.DataFrame(read_jsonl(path))
     if frame.empty:
         return pd.DataFrame({"step": []})
     return frame.groupby("step", sort=True).last().reset_index()
@@ -240,10 +243,9 @@ def _throughput_title(metrics: pd.DataFrame) -> str:
 
 
 def _vocab_size(run_dir: Path) -> int | None:
-    final = run_dir / "final.json"
-    if not final.is_file():
+    if not (run_dir / FINAL_FILE).is_file():
         return None
-    config = run_dir / json.loads(final.read_text())["checkpoint"] / "model_config.json"
+    config = final_checkpoint(run_dir) / "model_config.json"  # refuses a path that leaves the run directory
     return int(json.loads(config.read_text())["vocab_size"]) if config.is_file() else None
 
 
@@ -345,8 +347,8 @@ def write_configuration(
     model_facts = {k: hf[k] for k in MODEL_FACTS if k in hf}
     model_facts["parameters"] = _safetensors_parameters(model_dir)
     sections[f"Exported model ({model_dir})"] = _table_html(_facts(model_facts), float_format=".6g")
-    final = _read_json(run_dir / "final.json")
-    meta = _read_json(run_dir / final.get("checkpoint", "-") / "checkpoint.json")
+    final = _read_json(run_dir / FINAL_FILE)
+    meta = _read_json(final_checkpoint(run_dir) / "checkpoint.json") if final else {}
     run_facts = {**{k: meta[k] for k in RUN_FACTS if k in meta}, **{k: v for k, v in final.items()}}
     sections[f"Pretraining run ({run_dir})"] = _table_html(_facts(run_facts), float_format=".6g")
     body = "".join(f"<h3>{html.escape(title)}</h3>{content}" for title, content in sections.items())
@@ -414,7 +416,7 @@ def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         _run(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, CheckpointError) as err:
         print(f"gfw plot {args.what}: error: {err}", file=sys.stderr)
         return 2
     return 0

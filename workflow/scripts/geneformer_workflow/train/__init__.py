@@ -20,6 +20,10 @@ Several nodes under SLURM (one ``torchrun`` per node; the rendezvous host is the
 
 Rerunning the same command resumes from the newest checkpoint in ``run_dir/checkpoints``.
 See docs/training.md for every config key, the checkpoint layout and the metric names.
+
+Errors that name their fix (config, checkpoint, corpus cache, NaN loss, missing CUDA or Transformer Engine)
+end ``gfw train`` with one line ``gfw train: error: ...`` on stderr (prefixed ``[rank<n>]:`` under torchrun)
+and exit code 1; anything unexpected keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,16 +31,39 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import sys
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
+from ..model import te as _te
+from . import parallel as _parallel
+from .checkpoint import CheckpointError
 from .config import DEFAULT_CONFIG_DIR, check_environment, compose_config, validate_config
+from .corpus import CacheWriteError
 from .distributed import DistributedConfig, close_runtime, init_runtime
-from .trainer import Trainer
+from .trainer import NonFiniteLossError, Trainer
 
 __all__ = ["DEFAULT_CONFIG_DIR", "check_environment", "cli_main", "compose_config", "main", "validate_config"]
 
 log = logging.getLogger(__name__)
+
+# Errors whose message names the problem and the fix: one line for the user, no traceback.
+_USER_ERRORS = (
+    ValueError,
+    HydraException,
+    OmegaConfBaseException,
+    CheckpointError,
+    CacheWriteError,
+    NonFiniteLossError,
+)
+# Functions whose RuntimeErrors are such messages (missing CUDA, Transformer Engine or megatron-fsdp). A
+# RuntimeError from anywhere else (torch, CUDA) is unexpected and keeps its traceback.
+_CHECKS_RAISING_RUNTIME_ERROR = frozenset(
+    f.__code__ for f in (_te.require_te, _parallel.require_te, _parallel.wrap_model_mfsdp)
+)
 
 
 def main(cfg: DictConfig) -> float:
@@ -82,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_main(argv: list[str]) -> int:
     """Entry point of ``gfw train``; returns the process exit code (0 also after a SIGTERM/SIGUSR1 stop)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        rank, world_size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+        prefix = f"[rank{rank}]: " if rank is not None and world_size != "1" else ""  # as torch prefixes tracebacks
+        print(f"{prefix}gfw train: error: {_error_line(err)}", file=sys.stderr, flush=True)
+        return 1  # the exit code of an uncaught exception, as before
+
+
+def _run(args: argparse.Namespace) -> int:
     rank = DistributedConfig.from_env().rank
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     # Only rank 0 reports progress; other ranks speak up for warnings and errors.
@@ -91,3 +130,27 @@ def cli_main(argv: list[str]) -> int:
     if rank == 0:
         log.info("done: last train loss %s", "n/a" if math.isnan(loss) else f"{loss:.6f}")
     return 0
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is reported in one line (its message names the fix) rather than with a traceback."""
+    if isinstance(err, _USER_ERRORS):
+        return True
+    if type(err) is not RuntimeError:
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code in _CHECKS_RAISING_RUNTIME_ERROR
+
+
+def _error_line(err: BaseException) -> str:
+    r"""The message on one line, after the class name for this package's own error classes.
+
+    Example:
+        >>> _error_line(ValueError("Could not override 'x'.\nTo append use +x=1"))
+        "Could not override 'x'. To append use +x=1"
+    """
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    own = type(err).__module__.startswith("geneformer_workflow")  # e.g. CheckpointError, NonFiniteLossError
+    return f"{type(err).__name__}: {message}" if own else message

@@ -29,12 +29,11 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,15 +43,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+# The run-directory names that the report reads too live in the torch-free _run_dir; re-exported here.
+from .._run_dir import CHECKPOINTS, CheckpointError, read_json
+from .._run_dir import FINAL_FILE as FINAL_FILE
+from .._run_dir import STEP_DIR as _STEP_DIR
+from .._run_dir import final_checkpoint as final_checkpoint
 from .distributed import Runtime, barrier
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 META_FILE = "checkpoint.json"
 MODEL_CONFIG_FILE = "model_config.json"
-FINAL_FILE = "final.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 # DCP wraps reader and writer errors in CheckpointException, which derives from BaseException, not Exception.
 _DCP_ERRORS = (Exception, CheckpointException)
 FORMAT_VERSION = 1
@@ -73,10 +74,6 @@ def _single_process_ok() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be used; the message names its path."""
 
 
 @dataclass
@@ -145,15 +142,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest ``step_<n>`` directory, or None when there is none."""
     dirs = step_dirs(run_dir)
     return dirs[-1][1] if dirs else None
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON file, raising :class:`CheckpointError` naming the path when it is missing or broken."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        msg = f"cannot read {path}: {err}"
-        raise CheckpointError(msg) from err
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -305,24 +293,6 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
     if root.is_dir():
         for path in root.glob(".tmp_step_*"):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def final_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint that ``run_dir/final.json`` names, refusing any value but ``checkpoints/step_<n>``.
-
-    ``final.json`` may come from another machine or user (``model.init_from``, ``gfw export``), so its
-    path must not lead out of the run directory (no absolute path, no ``..``).
-    """
-    path = Path(run_dir) / FINAL_FILE
-    value = read_json(path).get("checkpoint")
-    parts = PurePosixPath(value).parts if isinstance(value, str) else ()
-    if len(parts) != 2 or parts[0] != CHECKPOINTS or not _STEP_DIR.match(parts[1]):
-        msg = (
-            f"{path}: 'checkpoint'={value!r} is not a path of the form {CHECKPOINTS}/step_<n> inside the run "
-            "directory; fix or delete final.json (the newest checkpoint is then used)"
-        )
-        raise CheckpointError(msg)
-    return Path(run_dir, *parts)
 
 
 def check_complete(path: Path) -> dict[str, Any]:

@@ -5,18 +5,25 @@ Instead each node converts the corpus once into two ``.npy`` files per split, a 
 ``int32`` token array and ``int64`` offsets, under ``data.cache_dir/<fingerprint>/``, and
 every rank memory-maps them (the page cache holds one copy per node). The fingerprint
 covers each file's absolute path, size and modification time, so a changed corpus gets a
-new cache. The cache is written into a temporary directory and renamed, so a killed job
-never leaves a half-written cache that looks complete.
+new cache. The cache is written into a temporary directory ``.tmp-<fingerprint>-<host>-<pid>``,
+fsynced and renamed, so a killed job never leaves a half-written cache that looks complete; the
+temporary directories of builds on this host whose process is gone are removed before the next
+build. A build that cannot write (disk full, quota) raises :class:`CacheWriteError` naming the
+directory and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +32,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .._atomic import fsync_dir, fsync_tree
+from .checkpoint import describe_write_error
+
+log = logging.getLogger(__name__)
+
 REQUIRED_COLUMNS = ("input_ids", "length")
 CACHE_FORMAT = 1  # bump when the cache layout changes
+_TMP_DIR = re.compile(r"^\.tmp-(?P<fingerprint>[0-9a-f]{16})-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+class CacheWriteError(OSError):
+    """The token cache could not be written; the message names the directory, the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -144,16 +161,83 @@ def _fill_split(
     return max_id
 
 
+@contextlib.contextmanager
+def _writing(cache_root: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of the enclosed writes into a :class:`CacheWriteError` naming the cache and the fix."""
+    try:
+        yield
+    except OSError as err:
+        problem, out_of_space = describe_write_error(err, cache_root)
+        fix = (
+            "Free space (or raise the quota or limit), or set data.cache_dir to a directory on a disk with room for it"
+            if out_of_space
+            else "Fix the cause, or set data.cache_dir to another directory"
+        )
+        msg = f"cannot write the token cache in {cache_root} (data.cache_dir): {problem}. {fix}, then rerun"
+        raise CacheWriteError(msg) from err
+
+
+def _allocate(path: Path) -> None:
+    """Reserve the disk blocks of a sparse file (a fresh memmap), so that a full disk fails here with ENOSPC.
+
+    Without it, the kernel finds the disk full only when it writes the memmap's pages back, and kills the
+    process with SIGBUS instead of raising an error.
+    """
+    if not hasattr(os, "posix_fallocate"):  # macOS: no such call
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 def _write_split(files: list[Path], split: str, role: str, out_dir: Path) -> dict[str, int]:
     """Write ``<role>.tokens.npy`` and ``<role>.offsets.npy`` for the rows whose ``split`` is ``split``."""
     keep_all = role == "train"
     n_cells, n_tokens = _count_split(files, split, keep_all)
-    tokens = np.lib.format.open_memmap(out_dir / f"{role}.tokens.npy", mode="w+", dtype=np.int32, shape=(n_tokens,))
+    tokens_path = out_dir / f"{role}.tokens.npy"
+    with _writing(out_dir.parent):
+        tokens = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.int32, shape=(n_tokens,))
+        _allocate(tokens_path)
     offsets = np.zeros(n_cells + 1, dtype=np.int64)  # 8 bytes per cell: small enough to keep in memory
-    max_id = _fill_split(files, split, keep_all, tokens, offsets)
-    tokens.flush()
-    np.save(out_dir / f"{role}.offsets.npy", offsets)
+    max_id = _fill_split(files, split, keep_all, tokens, offsets)  # reads parquet: its errors are not write errors
+    with _writing(out_dir.parent):
+        tokens.flush()
+        np.save(out_dir / f"{role}.offsets.npy", offsets)
     return {"cells": n_cells, "tokens": n_tokens, "max_token_id": max_id}
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (when in doubt: yes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists but belongs to another user
+        return True
+    return True
+
+
+def remove_stale_builds(cache_root: Path) -> list[Path]:
+    """Delete the temporary directories of cache builds on this host whose process is gone; returns them.
+
+    Another host's directories are never touched (its processes cannot be checked from here), nor those of a
+    live process (a build in progress).
+    """
+    host = socket.gethostname()
+    removed = []
+    for path in sorted(cache_root.glob(".tmp-*")):
+        match = _TMP_DIR.match(path.name)
+        if match is None or match["host"] != host or not path.is_dir():
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or not _process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.warning("removed %d temporary cache directories of killed builds: %s", len(removed), removed)
+    return removed
 
 
 def build_cache(files: list[Path], cache_root: Path, splits: dict[str, str]) -> Path:
@@ -167,22 +251,34 @@ def build_cache(files: list[Path], cache_root: Path, splits: dict[str, str]) -> 
 
     Returns:
         The complete cache directory.
+
+    Raises:
+        CacheWriteError: when the cache cannot be written; its temporary directory is removed.
     """
     final = cache_root / corpus_fingerprint(files, splits)
     if (final / "manifest.json").is_file():
         return final
-    cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    manifest = {"files": [str(p) for p in files], "splits": splits}
-    for role, value in splits.items():
-        manifest[role] = _write_split(files, value, role, tmp)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    with _writing(cache_root):
+        cache_root.mkdir(parents=True, exist_ok=True)
+        remove_stale_builds(cache_root)  # also this process's own leftover, if any
+        tmp.mkdir()
     try:
-        os.rename(tmp, final)
-    except OSError:  # another node or rank finished the same cache first; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+        manifest = {"files": [str(p) for p in files], "splits": splits}
+        for role, value in splits.items():
+            manifest[role] = _write_split(files, value, role, tmp)
+        with _writing(cache_root):
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            fsync_tree(tmp)  # the data reaches the disk before the directory gets its final name
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / "manifest.json").is_file():
+                    raise
+                # another node or rank finished the same cache first; its copy is identical
+            fsync_dir(cache_root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else incomplete
     return final
 
 

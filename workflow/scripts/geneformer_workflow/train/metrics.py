@@ -42,11 +42,13 @@ from typing import Any
 
 import torch
 
+from .._atomic import write_text_atomic
+from .._run_dir import METRICS_FILE as METRICS_FILE
+from .._run_dir import read_jsonl
 from .distributed import Runtime
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s from NVIDIA's data sheets, matched in this order against
@@ -133,14 +135,18 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop lines logged after ``after_step`` (a resumed run logs those steps again)."""
+    """Drop records logged after ``after_step`` (a resumed run logs those steps again).
+
+    A partial last line (the previous attempt was killed, or the disk filled up, mid-write) is dropped with a
+    warning; a broken line before it raises ``ValueError`` naming the file and the line (see :func:`read_jsonl`).
+    The file is rewritten atomically, and only when that changes it.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= after_step)  # as MetricsLogger
+    if text.encode() != path.read_bytes():
+        write_text_atomic(path, text)
 
 
 class MetricsLogger:
