@@ -13,9 +13,7 @@ import json
 import logging
 import os
 import re
-import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +24,7 @@ from geneformer_workflow.train import main
 from geneformer_workflow.train.corpus import CacheWriteError, build_cache, corpus_fingerprint
 from geneformer_workflow.train.metrics import truncate_metrics
 
-from .conftest import compose, read_metrics
+from .conftest import compose, read_metrics, subprocess_env
 
 SPLITS = {"train": "train", "validation": "validation"}
 
@@ -124,22 +122,33 @@ def test_a_build_removes_temporary_dirs_of_dead_builds_on_this_host_only(small_c
     assert running.is_dir() and other_host.is_dir()  # a build in progress; a host whose processes we cannot see
 
 
-@pytest.fixture
-def file_size_limit():
-    """Writes past 16 kB fail with EFBIG (File too large) in this process, as on a nearly full disk."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous)
+CACHE_BUILD_UNDER_A_FILE_SIZE_LIMIT = """
+import json, resource, signal, sys
+from pathlib import Path
+from geneformer_workflow.train.corpus import CacheWriteError, build_cache
+
+files, cache_root, splits = json.loads(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a nearly full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    build_cache([Path(f) for f in files], Path(cache_root), splits)
+except CacheWriteError as err:
+    print(err)
+    sys.exit(3)
+"""
 
 
-def test_a_failed_cache_write_names_the_directory_the_problem_and_the_fix(small_corpus, tmp_path, file_size_limit):
+def test_a_failed_cache_write_names_the_directory_the_problem_and_the_fix(small_corpus, tmp_path):
+    # The limit applies to every file the process writes (pytest's own output too), so only a child gets it.
     cache_root = tmp_path / "cache"
-    with pytest.raises(CacheWriteError) as err:
-        build_cache(small_corpus.files, cache_root, SPLITS)
-    message = str(err.value)
+    cache_root.mkdir()
+    arguments = json.dumps([[str(f) for f in small_corpus.files], str(cache_root), SPLITS])
+    proc = subprocess.run(
+        [sys.executable, "-c", CACHE_BUILD_UNDER_A_FILE_SIZE_LIMIT, arguments],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    message = proc.stdout.strip()
     assert message.startswith(f"cannot write the token cache in {cache_root} (data.cache_dir): ")
     assert "File too large" in message and "set data.cache_dir to a directory on a disk with room" in message
     assert list(cache_root.iterdir()) == []  # no temporary directory, no cache that looks complete
