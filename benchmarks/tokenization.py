@@ -5,9 +5,11 @@ genes per cell, Ensembl ids from Geneformer's V1 dictionary), then runs each tok
 process and prints whole-command wall and CPU time, steady-state cells/s (the tokenizing loop alone:
 per wall second and per CPU second, i.e. per core) and peak RSS. Ours includes reading the file and
 writing the parquet in its loop; the reference's loop is ``tokenize_anndata`` on an in-memory AnnData.
-``--big-cells 100000`` adds a larger file for ours only, to show memory stays bounded.
+``--big-cells 100000`` adds a larger file for ours only, to show memory stays bounded. Every command
+runs ``--repeat`` times, alternating ours and the reference, and the table shows medians (the machine
+may be shared: compare numbers from one run only).
 
-    python benchmarks/tokenization.py [--cells 20000] [--big-cells 100000] [--workdir /tmp/gfw-bench]
+    python benchmarks/tokenization.py [--cells 20000] [--big-cells 100000] [--repeat 3] [--threads N]
 
 Needs Geneformer's V1 dictionaries (../shared/geneformer-dictionaries or --dictionaries) and, for the
 reference, network access to PyPI once (the helical wheel) plus the `datasets` package.
@@ -20,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -42,10 +45,13 @@ from geneformer_workflow.medians import read_medians
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.tokenize import tokenize_h5ad
 from geneformer_workflow.vocab import load_token_dictionary
-h5ad, out, tokens, medians = sys.argv[1:5]
+h5ad, out, tokens, medians, threads = sys.argv[1:6]
 token_dictionary, gene_medians = load_token_dictionary(tokens), read_medians(medians)
 loop, cpu = time.perf_counter(), time.process_time()
-stats = tokenize_h5ad(h5ad, out, token_dictionary=token_dictionary, gene_medians=gene_medians, preset=PRESETS["v1"])
+stats = tokenize_h5ad(
+    h5ad, out, token_dictionary=token_dictionary, gene_medians=gene_medians, preset=PRESETS["v1"],
+    threads=int(threads) or None,
+)
 end, cpu_end = time.perf_counter(), time.process_time()
 rss_mb = peak_rss_mb()
 print(json.dumps({"cells": stats.n_cells, "loop_s": end - loop, "loop_cpu_s": cpu_end - cpu, "rss_mb": rss_mb}))
@@ -106,6 +112,8 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=20_000)
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--big-cells", type=int, default=0, help="also run ours on a file this large (0 = skip)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every command; the table shows medians")
+    parser.add_argument("--threads", type=int, default=0, help="ours' --threads (0 = its default, 2)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gfw-bench"))
     parser.add_argument("--dictionaries", type=Path, default=REPO.parent / "shared" / "geneformer-dictionaries")
     parser.add_argument("--skip-reference", action="store_true")
@@ -116,34 +124,46 @@ def main() -> None:
     small = ensure_file(work / "small" / f"synthetic_{args.cells}.h5ad", args.cells, args.genes, tokens)
     print(
         f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
-        f"file {small.stat().st_size / 1e6:.0f} MB"
+        f"file {small.stat().st_size / 1e6:.0f} MB; medians of {args.repeat} runs"
     )
-    rows = []
-    ours, wall, cpu = run(OURS, str(small), str(work / "ours.parquet"), str(tokens), str(medians))
-    rows.append(("ours", args.cells, wall, cpu, ours))
-    if not args.skip_reference:
-        helical = str(work / "helical")
-        whole, ref_wall, ref_cpu = run(
-            REFERENCE, str(small), str(work / "ref_out"), str(tokens), str(medians), helical, "whole"
-        )
-        loop, _, _ = run(REFERENCE, str(small), str(work / "ref_out"), str(tokens), str(medians), helical, "loop")
-        rows.append(("reference", args.cells, ref_wall, ref_cpu, {**loop, "rss_mb": whole["rss_mb"]}))
+    ours_args = (str(small), str(work / "ours.parquet"), str(tokens), str(medians), str(args.threads))
+    ref_args = (str(small), str(work / "ref_out"), str(tokens), str(medians), str(work / "helical"))
+    ours_runs, ref_runs = [], []
+    for _ in range(args.repeat):  # alternate, so a busy spell of a shared machine hits both
+        ours_runs.append(run(OURS, *ours_args))
+        if not args.skip_reference:
+            whole = run(REFERENCE, *ref_args, "whole")
+            loop = run(REFERENCE, *ref_args, "loop")[0]
+            ref_runs.append(({**loop, "rss_mb": whole[0]["rss_mb"]}, whole[1], whole[2]))
+    rows = [("ours", args.cells, *_medians(ours_runs))]
+    if ref_runs:
+        rows.append(("reference", args.cells, *_medians(ref_runs)))
     if args.big_cells:
         big = ensure_file(work / "big" / f"synthetic_{args.big_cells}.h5ad", args.big_cells, args.genes, tokens)
-        ours_big, big_wall, big_cpu = run(OURS, str(big), str(work / "ours_big.parquet"), str(tokens), str(medians))
-        rows.append(("ours", args.big_cells, big_wall, big_cpu, ours_big))
+        big_args = (str(big), str(work / "ours_big.parquet"), str(tokens), str(medians), str(args.threads))
+        rows.append(("ours", args.big_cells, *_medians([run(OURS, *big_args) for _ in range(args.repeat)])))
     header = ("tokenizer", "cells", "whole wall s", "whole CPU s", "loop cells/s", "loop cells/CPU-s", "peak RSS MB")
     print("{:<10} {:>8} {:>13} {:>12} {:>13} {:>17} {:>12}".format(*header))
-    for name, cells, wall_s, cpu_s, r in rows:
+    for name, cells, r, wall_s, cpu_s in rows:
         print(
-            f"{name:<10} {cells:>8,} {wall_s:>13.2f} {cpu_s:>12.2f} {r['cells'] / r['loop_s']:>13,.0f} "
-            f"{r['cells'] / r['loop_cpu_s']:>17,.0f} {r['rss_mb']:>12,.0f}"
+            f"{name:<10} {cells:>8,} {wall_s:>13.2f} {cpu_s:>12.2f} {r['cells_per_s']:>13,.0f} "
+            f"{r['cells_per_cpu_s']:>17,.0f} {r['rss_mb']:>12,.0f}"
         )
-    if not args.skip_reference:
+    if ref_runs:
         print(
-            f"whole command, ours vs reference: {rows[1][2] / rows[0][2]:.1f}x faster (wall), "
-            f"{rows[1][3] / rows[0][3]:.1f}x less CPU"
+            f"whole command, ours vs reference: {rows[1][3] / rows[0][3]:.1f}x faster (wall), "
+            f"{rows[1][4] / rows[0][4]:.1f}x less CPU"
         )
+
+
+def _medians(runs: list[tuple[dict, float, float]]) -> tuple[dict, float, float]:
+    """Medians over runs of whole wall and CPU time and of the loop's rates and peak RSS."""
+    rates = {
+        "cells_per_s": statistics.median(r["cells"] / r["loop_s"] for r, _, _ in runs),
+        "cells_per_cpu_s": statistics.median(r["cells"] / r["loop_cpu_s"] for r, _, _ in runs),
+        "rss_mb": statistics.median(r["rss_mb"] for r, _, _ in runs),
+    }
+    return rates, statistics.median(w for _, w, _ in runs), statistics.median(c for _, _, c in runs)
 
 
 if __name__ == "__main__":

@@ -31,4 +31,4 @@ rule tokenize_dataset:
         "{params.gfw} tokenize {input.h5ad} {output.parquet} --token-dictionary {input.vocab} "
         "--gene-medians {input.medians} --preset {params.preset} --cell-filter {input.cells} "
         "--obs-columns '{params.obs_columns}' --validation-fraction {params.validation_fraction} "
-        "{params.rows} {params.options} > {log} 2>&1"
+        "{params.rows} --threads {threads} {params.options} > {log} 2>&1"

@@ -1,8 +1,11 @@
 """Stream raw counts out of an ``.h5ad`` file in row chunks, validating them on the way.
 
-Only ``obs`` and ``var`` are loaded whole; the count matrix is read ``chunk_size`` rows at a time
-straight from HDF5, so peak memory is bounded by the chunk, not the file (CSR and dense matrices;
-a CSC matrix has no row access and is loaded once, with a warning).
+Only ``obs`` and the gene ids are loaded whole; the count matrix is read ``chunk_size`` rows at a time
+straight from HDF5, so peak memory is bounded by the chunk, not the file (a CSC matrix, which has no
+row access, is read in bands of rows: :mod:`geneformer_workflow._csc`).
+
+Two views of a chunk: :class:`CountChunk` (float64 CSR, for QC and medians) and :class:`RawChunk`
+(the file's own arrays in reused buffers, no copy or conversion: the tokenizer's fast path).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -17,21 +21,18 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_workflow._chunk_checks import Buffers, counts_low, is_canonical, read_ahead, to_canonical
+from geneformer_workflow._csc import csc_row_bands
+from geneformer_workflow._h5frame import column_names, read_column, read_dataframe
+
 log = logging.getLogger(__name__)
 
 COUNT_SOURCES_HELP = "'X', 'raw' (raw.X) or 'layers/<name>'"
+DENSE_BYTES = 64 << 20  # dense rows read at once
 
 
 class InputError(ValueError):
     """A problem with a user's input file; the message names the file and the fix."""
-
-
-def _read_elem(group: h5py.Group) -> pd.DataFrame:
-    try:
-        from anndata.io import read_elem
-    except ImportError:  # anndata < 0.11
-        from anndata.experimental import read_elem
-    return read_elem(group)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,46 @@ class CountChunk:
     start: int
     stop: int
     matrix: sp.csr_matrix
+
+    def row_sums(self) -> np.ndarray:
+        """Total counts of every row (float64)."""
+        return np.asarray(self.matrix.sum(axis=1), dtype=np.float64).ravel()
+
+
+@dataclass(frozen=True)
+class RawChunk:
+    """Rows ``start:stop`` as validated CSR arrays in the file's dtypes: sorted, unique columns per row.
+
+    ``data`` and ``indices`` may live in buffers that the next chunk overwrites: use them before
+    asking for the next one. ``has_zeros``: some stored values are 0 (they must not become tokens).
+    """
+
+    start: int
+    stop: int
+    indptr: np.ndarray  # int64, starting at 0
+    indices: np.ndarray
+    data: np.ndarray
+    has_zeros: bool
+
+    def row_sums(self) -> np.ndarray:
+        """Total counts of every row, in float64 (exact: the counts are integers)."""
+        sums = np.zeros(self.stop - self.start, dtype=np.float64)
+        nonempty = self.indptr[1:] > self.indptr[:-1]
+        if not nonempty.any():
+            return sums
+        # reduceat over the starts of nonempty rows only: an empty row's start would yield a stray entry.
+        starts = self.indptr[:-1][nonempty]
+        if self.data.dtype == np.float32:
+            # Sums of nonnegative integers are exact in float32 while the total stays below 2**24 (every
+            # partial sum is smaller); 4x faster than converting. Larger rows are summed again in float64.
+            sums[nonempty] = np.add.reduceat(self.data, starts)
+            large = np.flatnonzero(sums >= 2**24)
+            for row in large.tolist():
+                sums[row] = self.data[self.indptr[row] : self.indptr[row + 1]].sum(dtype=np.float64)
+        else:
+            accumulate = np.int64 if self.data.dtype.kind in "iu" else np.float64
+            sums[nonempty] = np.add.reduceat(self.data, starts, dtype=accumulate)
+        return sums
 
 
 class H5adCounts:
@@ -64,16 +105,21 @@ class H5adCounts:
             msg = f"not a readable .h5ad (HDF5) file — is it truncated or corrupt? ({err})"
             raise self._error(msg) from err
         try:
-            self._matrix, var_group = self._locate(counts)
-            self.obs = _read_elem(self._file["obs"])
-            self.var = _read_elem(var_group)
+            self._matrix, self._var_group = self._locate(counts)
+            self.obs = read_dataframe(self._file["obs"])
+            self.gene_ids = self._gene_ids(gene_id_key)
         except KeyError as err:
             self.close()
             msg = f"not a valid AnnData file (missing {err})"
             raise self._error(msg) from err
         self.n_obs, self.n_vars = self._shape()
-        self.gene_ids = self._gene_ids(gene_id_key)
+        self._obs_n_counts: np.ndarray | None = None
         self._check_shape()
+
+    @cached_property
+    def var(self) -> pd.DataFrame:
+        """The ``var`` dataframe of the count source (read on first use: tokenizing needs the gene ids alone)."""
+        return read_dataframe(self._var_group)
 
     def _error(self, problem: str) -> InputError:
         """An :class:`InputError` whose message starts with this file's path."""
@@ -116,24 +162,22 @@ class H5adCounts:
         return int(shape[0]), int(shape[1])
 
     def _gene_ids(self, gene_id_key: str | None) -> np.ndarray:
-        if gene_id_key is None:
-            ids = self.var.index
-        elif gene_id_key in self.var.columns:
-            ids = self.var[gene_id_key]
-        else:
+        columns = column_names(self._var_group)
+        if gene_id_key is not None and gene_id_key not in columns:
             msg = (
                 f"var has no column {gene_id_key!r} with gene ids "
-                f"(columns: {list(self.var.columns)}); set the gene id column or use the var index"
+                f"(columns: {columns}); set the gene id column or use the var index"
             )
             raise self._error(msg)
-        return np.asarray(ids.astype(str), dtype=object)
+        return np.asarray(read_column(self._var_group, gene_id_key).astype(str), dtype=object)
 
     def _check_shape(self) -> None:
         if self.n_obs == 0 or self.n_vars == 0:
             msg = f"the count matrix is empty ({self.n_obs} cells x {self.n_vars} genes)"
             raise self._error(msg)
-        if len(self.obs) != self.n_obs or len(self.var) != self.n_vars:
-            msg = f"matrix is {self.n_obs} x {self.n_vars} but obs has {len(self.obs)} rows and var {len(self.var)}"
+        if len(self.obs) != self.n_obs or len(self.gene_ids) != self.n_vars:
+            shape = f"{self.n_obs} x {self.n_vars}"
+            msg = f"matrix is {shape} but obs has {len(self.obs)} rows and var {len(self.gene_ids)}"
             raise self._error(msg)
         obs_look_like_genes = pd.Index(self.obs.index[:100]).str.match(r"^ENS[A-Z]*G\d{6,}").mean() > 0.5
         var_look_like_genes = pd.Index(self.gene_ids[:100]).str.match(r"^ENS[A-Z]*G\d{6,}").mean() > 0.5
@@ -154,44 +198,105 @@ class H5adCounts:
     # -- reading ------------------------------------------------------------------------------
     def iter_chunks(self, chunk_size: int = 2048, *, start: int = 0, stop: int | None = None) -> Iterator[CountChunk]:
         """Yield validated float64 CSR row chunks of rows ``start:stop`` of the count matrix, in order."""
+        for raw in self.iter_raw_chunks(chunk_size, start=start, stop=stop):
+            matrix = sp.csr_matrix(
+                (raw.data.astype(np.float64), raw.indices.copy(), raw.indptr.copy()),
+                shape=(raw.stop - raw.start, self.n_vars),
+            )
+            if raw.has_zeros:
+                matrix.eliminate_zeros()
+            yield CountChunk(raw.start, raw.stop, matrix)
+
+    def iter_raw_chunks(
+        self, chunk_size: int = 2048, *, start: int = 0, stop: int | None = None, buffers: int = 1
+    ) -> Iterator[RawChunk]:
+        """Yield validated row chunks of rows ``start:stop`` as the file's own arrays (see :class:`RawChunk`).
+
+        A background thread reads and checks the next chunk while the caller works on this one (h5py and
+        numpy release the GIL). The arrays of a chunk stay valid until the caller has asked for ``buffers``
+        more chunks (a ring of buffers).
+        """
         if chunk_size < 1:
             msg = f"chunk_size must be >= 1, got {chunk_size}"
             raise ValueError(msg)
-        whole = None
-        if self.encoding == "csc_matrix":
-            log.warning("%s: counts are stored as CSC; loading the whole matrix (store CSR to stream)", self.path)
-            whole = self._read_csc().tocsr()
-        end = self.n_obs if stop is None else stop
-        for lo in range(start, end, chunk_size):
-            hi = min(lo + chunk_size, end)
-            matrix = whole[lo:hi] if whole is not None else self._read_rows(lo, hi)
-            matrix = sp.csr_matrix(matrix, dtype=np.float64)
-            matrix.sum_duplicates()
-            self._validate_counts(matrix, lo)
-            matrix.eliminate_zeros()
-            yield CountChunk(lo, hi, matrix)
-
-    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        node = self._matrix
-        if isinstance(node, h5py.Dataset):
-            return sp.csr_matrix(node[start:stop])
-        if self.encoding != "csr_matrix":
+        if self.encoding not in ("csr_matrix", "csc_matrix", "array"):
             msg = f"unsupported matrix encoding {self.encoding!r} for {self.counts}"
             raise self._error(msg)
+        end = self.n_obs if stop is None else stop
+        # one buffer set more than the caller holds: the chunk being read ahead
+        yield from read_ahead(self._checked_chunks(chunk_size, start, end, buffers + 1))
+
+    def _checked_chunks(self, chunk_size: int, start: int, stop: int, buffers: int) -> Iterator[RawChunk]:
+        scratch = Buffers()  # temporaries of the checks
+        for lo, hi, (indptr, indices, data) in self._chunk_arrays(chunk_size, start, stop, buffers):
+            canonical = data.dtype.kind in "fiu" and is_canonical(indptr, indices, scratch)
+            self._check_columns(indptr, indices, lo, canonical=canonical)
+            if not canonical:
+                indptr, indices, data = to_canonical(indptr, indices, data, self.n_vars)
+            has_zeros = self._validate_counts(data, indptr, lo, scratch)
+            yield RawChunk(lo, hi, indptr, indices, data, has_zeros=has_zeros)
+
+    def _chunk_arrays(
+        self, chunk_size: int, start: int, stop: int, buffers: int
+    ) -> Iterator[tuple[int, int, tuple[np.ndarray, ...]]]:
+        """``(lo, hi, (indptr, indices, data))`` of every chunk, as stored (CSR rows from any encoding)."""
+        if self.encoding == "csc_matrix":
+            for first, band in csc_row_bands(self._matrix, (self.n_obs, self.n_vars), start, stop, chunk_size):
+                band_ptr = band.indptr.astype(np.int64)
+                for lo in range(first, first + band.shape[0], chunk_size):
+                    hi = min(lo + chunk_size, first + band.shape[0])
+                    indptr = band_ptr[lo - first : hi - first + 1]
+                    a, b = int(indptr[0]), int(indptr[-1])
+                    # copies, so that no chunk keeps the band alive while the next one is read
+                    yield lo, hi, (indptr - a, band.indices[a:b].copy(), band.data[a:b].copy())
+                del band
+            return
+        ring = [Buffers() for _ in range(max(1, buffers))]  # the chunks' arrays
+        for i, lo in enumerate(range(start, stop, chunk_size)):
+            hi = min(lo + chunk_size, stop)
+            if self.encoding == "csr_matrix":
+                yield lo, hi, self._read_csr_rows(lo, hi, ring[i % len(ring)])
+            else:
+                rows = self._read_dense_rows(lo, hi)
+                yield lo, hi, (rows.indptr.astype(np.int64), rows.indices, rows.data)
+
+    def _read_csr_rows(self, start: int, stop: int, buffers: Buffers) -> tuple[np.ndarray, ...]:
+        """Rows ``start:stop`` of a CSR matrix, read into reused buffers (no allocation, no page faults)."""
+        node = self._matrix
         indptr = node["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
-        data = node["data"][lo:hi]
-        indices = node["indices"][lo:hi]
-        return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_vars))
+        indptr -= lo
+        indices = buffers.get("indices", node["indices"].dtype, hi - lo)
+        data = buffers.get("data", node["data"].dtype, hi - lo)
+        if hi > lo:
+            node["indices"].read_direct(indices, np.s_[lo:hi])
+            node["data"].read_direct(data, np.s_[lo:hi])
+        return indptr, indices, data
 
-    def _read_csc(self) -> sp.csc_matrix:
-        node = self._matrix
-        return sp.csc_matrix((node["data"][:], node["indices"][:], node["indptr"][:]), shape=(self.n_obs, self.n_vars))
+    def _read_dense_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` of a dense matrix as CSR, read ``DENSE_BYTES`` at a time (a wide matrix is big)."""
+        step = max(1, DENSE_BYTES // (self.n_vars * self._matrix.dtype.itemsize))
+        parts = [sp.csr_matrix(self._matrix[a : min(a + step, stop)]) for a in range(start, stop, step)]
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 
-    def _validate_counts(self, matrix: sp.csr_matrix, start: int) -> None:
-        data = matrix.data
-        if not data.size or (data.min() >= 0 and np.isfinite(data.max()) and np.array_equal(np.floor(data), data)):
-            return
+    def _check_columns(self, indptr: np.ndarray, indices: np.ndarray, start: int, *, canonical: bool) -> None:
+        """Column indices must lie in ``0..n_vars-1`` (in canonical rows, the first and last entries tell)."""
+        if canonical:
+            nonempty = indptr[1:] > indptr[:-1]
+            first, last = indices[indptr[:-1][nonempty]], indices[indptr[1:][nonempty] - 1]
+        else:
+            first = last = indices
+        if first.size and (first.min() < 0 or last.max() >= self.n_vars):
+            msg = f"{self.counts} has column indices outside its {self.n_vars} genes (rows from {start})"
+            raise self._error(msg)
+
+    def _validate_counts(self, data: np.ndarray, indptr: np.ndarray, start: int, buffers: Buffers) -> bool:
+        """Refuse non-count values (naming a cell); return whether some stored values are 0."""
+        if not data.size:
+            return False
+        counts, low = counts_low(data, buffers)
+        if counts:
+            return low == 0
         bad = ~np.isfinite(data)
         problem = "NaN or infinite counts"
         if not bad.any():
@@ -201,7 +306,7 @@ class H5adCounts:
             bad = data != np.floor(data)
             problem = "non-integer counts"
         first = int(np.flatnonzero(bad)[0])
-        row = int(np.searchsorted(matrix.indptr, first, side="right") - 1)
+        row = int(np.searchsorted(indptr, first, side="right") - 1)
         cell = self.obs.index[start + row]
         msg = (
             f"{self.counts} holds {problem} (e.g. {data[first]:g} in cell {cell!r}); Geneformer tokenization "
@@ -210,16 +315,18 @@ class H5adCounts:
         )
         raise self._error(msg)
 
-    def n_counts(self, chunk: CountChunk) -> np.ndarray:
+    def n_counts(self, chunk: CountChunk | RawChunk, *, row_sums: np.ndarray | None = None) -> np.ndarray:
         """Total counts per cell over ALL genes: ``obs["n_counts"]`` when present, else the row sums.
 
         A given ``n_counts`` must be finite and at least the cell's counts in the file (it also counts
         genes the file may lack), else the values would be wrong: that is an error naming the cell.
         """
-        row_sums = np.asarray(chunk.matrix.sum(axis=1), dtype=np.float64).ravel()
+        row_sums = chunk.row_sums() if row_sums is None else row_sums
         if "n_counts" not in self.obs.columns:
             return row_sums
-        n_counts = self.obs["n_counts"].to_numpy(dtype=np.float64)[chunk.start : chunk.stop]
+        if self._obs_n_counts is None:
+            self._obs_n_counts = self.obs["n_counts"].to_numpy(dtype=np.float64)
+        n_counts = self._obs_n_counts[chunk.start : chunk.stop]
         bad = ~np.isfinite(n_counts) | (n_counts < row_sums * (1 - 1e-6))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])

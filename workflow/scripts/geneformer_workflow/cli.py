@@ -128,6 +128,13 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rows", type=_row_range, default=None, help="tokenize only rows START:STOP (0-based, STOP excluded): a shard"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads (default 2: reading and parquet encoding overlap ranking; more add ranking threads, "
+        "useful where sorting is slow, e.g. without AVX-512); the output does not depend on it",
+    )
     _add_input_options(p)
 
 
@@ -237,6 +244,7 @@ def _run_tokenize(args: argparse.Namespace) -> None:
         validation_fraction=args.validation_fraction,
         chunk_size=args.chunk_size,
         rows=args.rows,
+        threads=args.threads,
     )
     log.info("%s: %d cells, %d tokens -> %s", args.h5ad, stats.n_cells, stats.n_tokens, args.output)
 

@@ -1,0 +1,58 @@
+"""obs/var read straight from HDF5 equal what anndata reads, and unknown encodings fall back to anndata."""
+
+from __future__ import annotations
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from anndata.io import read_elem
+from geneformer_workflow._h5frame import column_names, read_column, read_dataframe
+
+
+def _frame(n: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {
+            "n_counts": rng.random(n).astype(np.float32),
+            "n_genes": rng.integers(0, 100, n),
+            "filter_pass": rng.integers(0, 2, n).astype(bool),
+            "cell_type": pd.Categorical(rng.choice(["T", "B", "NK"], n)),
+            "stage": pd.Categorical(rng.choice(["a", "b"], n), categories=["b", "a"], ordered=True),
+            "donor": rng.choice(["d1", "d2"], n).astype(object),
+            "batch": pd.array([1, None, 3, 4, None, 6][:n], dtype="Int64"),
+            "flag": pd.array([True, None, False, True, False, None][:n], dtype="boolean"),
+        },
+        index=pd.Index([f"cell{i}" for i in range(n)], name="barcode"),
+    )
+
+
+@pytest.fixture
+def h5ad(tmp_path):
+    obs = _frame()
+    var = pd.DataFrame({"symbol": ["A", "B", "C"]}, index=[f"ENSG{i:011d}" for i in range(3)])
+    path = tmp_path / "frames.h5ad"
+    ad.AnnData(X=np.ones((len(obs), 3), np.float32), obs=obs, var=var).write_h5ad(path)
+    return path
+
+
+def test_dataframes_equal_anndatas(h5ad):
+    with h5py.File(h5ad) as f:
+        for name in ("obs", "var"):
+            pd.testing.assert_frame_equal(read_dataframe(f[name]), read_elem(f[name]))
+
+
+def test_one_column_or_the_index_alone(h5ad):
+    with h5py.File(h5ad) as f:
+        expected = read_elem(f["obs"])
+        assert column_names(f["obs"]) == list(expected.columns)
+        assert read_column(f["obs"], None).equals(expected.index.rename(None))
+        assert list(read_column(f["obs"], "cell_type").astype(str)) == list(expected["cell_type"].astype(str))
+
+
+def test_an_unknown_encoding_falls_back_to_anndata(h5ad):
+    with h5py.File(h5ad, "r+") as f:
+        f["obs/donor"].attrs["encoding-version"] = "9.9.9"  # not one we read ourselves
+    with h5py.File(h5ad) as f, pytest.raises(Exception, match=r"9\.9\.9"):
+        read_dataframe(f["obs"])  # anndata's own error, not a silently wrong frame

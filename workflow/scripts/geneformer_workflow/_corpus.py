@@ -1,0 +1,173 @@
+"""Tokenize an open file chunk by chunk into parquet row groups: read, rank and write overlap.
+
+The reader reads and checks chunk N+1 on its own thread while chunk N is ranked — by the calling
+thread, or by ``threads`` worker threads (numpy releases the GIL in its loops and sorts) — and the
+parquet sink encodes finished chunks on a third. Chunks are written in file order; at most
+``threads + 2`` chunks and two row groups are held at once, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from geneformer_workflow._atomic import atomic_path
+from geneformer_workflow._gene_ranker import GeneRanker
+from geneformer_workflow._io import H5adCounts, InputError, RawChunk
+from geneformer_workflow._parquet import ParquetSink
+from geneformer_workflow.presets import CLS, EOS, Preset
+from geneformer_workflow.progress import Progress
+
+log = logging.getLogger(__name__)
+
+_SPLITS = pa.array(["train", "validation"], type=pa.string())
+
+
+@dataclass
+class ChunkCounts:
+    """What a chunk contributes to the manifest's counts."""
+
+    n_cells_empty: int = 0
+    n_validation: int = 0
+    counts_total: float = 0.0
+    counts_in_vocabulary: float = 0.0
+
+    def add(self, other: ChunkCounts) -> None:
+        """Accumulate ``other`` (chunks are added in file order, so float sums do not depend on threads)."""
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def validation_mask(cell_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Deterministic train/validation split by cell id (a hash, so stable across runs and files)."""
+    if fraction <= 0:
+        return np.zeros(len(cell_ids), dtype=bool)
+    limit = int(fraction * 2**64)
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(str(c).encode(), digest_size=8).digest() for c in cell_ids])
+    return np.frombuffer(digests, dtype="<u8") < np.uint64(min(limit, 2**64 - 1))
+
+
+class CorpusWriter:
+    """Tokenizes rows of one open file into a parquet corpus; ``threads`` ranking threads (0: the caller's)."""
+
+    def __init__(
+        self,
+        reader: H5adCounts,
+        ranker: GeneRanker,
+        keep: np.ndarray,
+        preset: Preset,
+        tokens: dict[str, int],
+        obs_columns: list[str],
+        *,
+        threads: int = 0,
+    ) -> None:
+        self.reader, self.ranker, self.keep, self.preset, self.tokens = reader, ranker, keep, preset, tokens
+        self.threads = max(0, threads)  # 0: rank in the calling thread
+        self.obs_table = _obs_table(reader.obs, obs_columns, reader.path)
+        self.cell_ids = reader.obs.index.astype(str).to_numpy()
+        self.cell_id_array = pa.array(self.cell_ids, type=pa.string())
+        fixed = [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_id", pa.string())]
+        self.schema = pa.schema([*fixed, ("split", pa.string()), *self.obs_table.schema])
+
+    def write(
+        self, target: Path, validation_fraction: float, chunk_size: int, *, rows: tuple[int, int]
+    ) -> tuple[np.ndarray, ChunkCounts]:
+        """Write the corpus of ``rows`` to ``target`` atomically; return the written cells' lengths and counts."""
+        start, stop = rows
+        progress = Progress(f"tokenize {self.reader.path.name}[{start}:{stop}]", stop - start, unit="cells")
+        lengths: list[np.ndarray] = []
+        counts = ChunkCounts()
+        pending: deque[tuple[Future, int]] = deque()
+
+        def finish(sink: ParquetSink) -> None:
+            future, n_rows = pending.popleft()
+            table, chunk_counts = future.result()
+            counts.add(chunk_counts)
+            if table is not None:
+                sink.write(table)
+                lengths.append(table.column("length").to_numpy())
+            progress.update(n_rows)
+
+        with atomic_path(target) as tmp:
+            with ParquetSink(tmp, self.schema) as sink, ThreadPoolExecutor(max(1, self.threads), "tokenize") as pool:
+                # the chunks held at once: `threads` being ranked, one waiting (the reader adds its own)
+                chunks = self.reader.iter_raw_chunks(chunk_size, start=start, stop=stop, buffers=self.threads + 1)
+                for chunk in chunks:
+                    if self.threads:
+                        future = pool.submit(self._chunk, chunk, validation_fraction)
+                    else:
+                        future = Future()
+                        future.set_result(self._chunk(chunk, validation_fraction))
+                    pending.append((future, chunk.stop - chunk.start))
+                    if len(pending) > self.threads:
+                        finish(sink)
+                while pending:
+                    finish(sink)
+            progress.close()
+            if not lengths and (start, stop) == (0, self.reader.n_obs):
+                msg = f"{self.reader.path}: no cell has any vocabulary gene with a nonzero count; nothing to tokenize"
+                raise InputError(msg)
+        return (np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)), counts
+
+    def _chunk(self, chunk: RawChunk, validation_fraction: float) -> tuple[pa.Table | None, ChunkCounts]:
+        """The row group of one chunk and its counts (on a ranking thread, or the caller's)."""
+        row_sums = chunk.row_sums()
+        n_counts = self.reader.n_counts(chunk, row_sums=row_sums)
+        wanted = self.keep[chunk.start : chunk.stop]
+        rows = wanted & (n_counts > 0)
+        ranked = self.ranker.rank(chunk, rows, n_counts, self.preset.max_genes)
+        counts = ChunkCounts(counts_total=float(row_sums[rows].sum()))
+        in_vocabulary = ranked.counts_in_vocabulary
+        counts.counts_in_vocabulary = counts.counts_total if in_vocabulary is None else in_vocabulary
+        nonempty = ranked.lengths > 0
+        counts.n_cells_empty = int((rows & ~nonempty).sum()) + int((wanted & ~rows).sum())
+        local = np.flatnonzero(nonempty)
+        if not local.size:
+            return None, counts
+        index = chunk.start + local
+        tokens, lengths = ranked.tokens, ranked.lengths[local]
+        if self.preset.special_tokens:
+            tokens, lengths = _wrap_special(tokens, lengths, self.tokens[CLS], self.tokens[EOS])
+        offsets = np.zeros(lengths.size + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens))
+        is_val = validation_mask(self.cell_ids[index], validation_fraction)
+        counts.n_validation = int(is_val.sum())
+        take = pa.array(index)
+        split = _SPLITS.take(pa.array(is_val.view(np.int8)))
+        columns = [input_ids, pa.array(lengths), self.cell_id_array.take(take), split]
+        return pa.Table.from_arrays([*columns, *self.obs_table.take(take).columns], schema=self.schema), counts
+
+
+def _obs_table(obs: pd.DataFrame, columns: list[str], path: Path) -> pa.Table:
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        msg = f"{path}: obs has no column(s) {missing} to keep (available: {list(obs.columns)})"
+        raise InputError(msg)
+    frame = obs[columns].reset_index(drop=True)
+    for col in columns:
+        if isinstance(frame[col].dtype, pd.CategoricalDtype):
+            frame[col] = frame[col].astype(str)
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _wrap_special(tokens: np.ndarray, lengths: np.ndarray, cls: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Insert ``<cls>`` before and ``<eos>`` after every row of the flat token array."""
+    new_lengths = (lengths + 2).astype(np.int32)
+    ends = np.cumsum(new_lengths)
+    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.int32)
+    out[ends - new_lengths], out[ends - 1] = cls, eos
+    source = 0
+    for start, n in zip((ends - new_lengths + 1).tolist(), lengths.tolist(), strict=True):  # one copy per row
+        out[start : start + n] = tokens[source : source + n]
+        source += n
+    return out, new_lengths

@@ -1,0 +1,111 @@
+"""Per-file gene state for tokenizing: file columns → vocabulary genes and ``1 / median``, and a chunk's ranking.
+
+Local gene indices follow ascending token id. The per-column tables (token id, ``1 / median``) let the
+ranking kernel (:mod:`geneformer_workflow._ranking`) work on the file's own column indices; only a file
+with duplicate gene ids first sums its columns (a sparse product).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from geneformer_workflow._genes import collapse_matrix
+from geneformer_workflow._io import RawChunk
+from geneformer_workflow._ranking import rank_rows
+
+
+class GeneRanker:
+    """Precomputed per-file state: file columns → vocabulary genes, and ``1 / median`` per gene.
+
+    Local gene indices follow ascending token id, so ties in value are broken by token id.
+    """
+
+    def __init__(self, file_gene_ids: np.ndarray, token_dictionary: dict[str, int], medians: pd.Series) -> None:
+        ids = pd.Index(file_gene_ids)
+        candidates = ids.unique()
+        candidates = candidates[candidates.isin(medians.index)]
+        usable = sorted((token_dictionary[g], g) for g in candidates if g in token_dictionary)
+        self.token_ids = np.array([t for t, _ in usable], dtype=np.int32)
+        genes = pd.Index([g for _, g in usable])
+        self.inv_median = 1.0 / medians.reindex(genes).to_numpy(np.float64)
+        self.column_gene = genes.get_indexer(ids)  # file column -> local gene (-1: none)
+        mapped = self.column_gene >= 0
+        self.all_mapped = bool(mapped.all())
+        # Several columns with one id must be summed first (a sparse product); otherwise a lookup suffices.
+        n_mapped = int(mapped.sum())
+        self.collapse = collapse_matrix(file_gene_ids, genes) if self.n_genes < n_mapped else None
+        # Per file column, for the ranking kernel (unmapped columns never reach it).
+        self.column_mapped = mapped
+        self.column_token = np.zeros(ids.size, dtype=np.int32)
+        self.column_token[mapped] = self.token_ids[self.column_gene[mapped]]
+        self.column_inv_median = np.zeros(ids.size, dtype=np.float64)
+        self.column_inv_median[mapped] = self.inv_median[self.column_gene[mapped]]
+
+    @property
+    def n_genes(self) -> int:
+        """Number of the file's genes that can become tokens."""
+        return len(self.token_ids)
+
+    def rank(self, chunk: RawChunk, rows: np.ndarray, n_counts: np.ndarray, max_genes: int) -> Ranked:
+        """Tokens of the cells ``rows`` (a mask over ``chunk``), highest value first, at most ``max_genes`` each."""
+        indptr, columns, counts = chunk.indptr, chunk.indices, chunk.data
+        column_token, column_inv_median = self.column_token, self.column_inv_median
+        column_mapped = None if self.all_mapped else self.column_mapped
+        if self.collapse is not None:
+            shape = (rows.size, len(self.column_gene))
+            matrix = sp.csr_matrix((counts.astype(np.float64), columns, indptr), shape=shape)
+            matrix = sp.csr_matrix(matrix @ self.collapse)
+            matrix.sum_duplicates()  # sorts the columns of every row
+            indptr, columns, counts = matrix.indptr.astype(np.int64), matrix.indices, matrix.data
+            column_token, column_inv_median, column_mapped = self.token_ids, self.inv_median, None
+        entries = _entry_mask(indptr, columns, counts, rows, zeros=chunk.has_zeros, column_mapped=column_mapped)
+        if entries is not None:
+            indptr = np.concatenate(([0], np.cumsum(_row_counts(entries, indptr))))
+            columns, counts = columns[entries], counts[entries]
+        inv_n = np.zeros(rows.size, dtype=np.float64)
+        np.divide(1.0, n_counts, out=inv_n, where=rows)
+        tokens, lengths = rank_rows(indptr, columns, counts, inv_n, column_inv_median, column_token, max_genes)
+        return Ranked(tokens, lengths, None if self.all_mapped else float(counts.sum(dtype=np.float64)))
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Tokens of a chunk: concatenated token ids, the count per row (0 when not kept), and counts ranked."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    counts_in_vocabulary: float | None  # None: all of the kept rows' counts
+
+
+def _entry_mask(
+    indptr: np.ndarray,
+    columns: np.ndarray,
+    counts: np.ndarray,
+    rows: np.ndarray,
+    *,
+    zeros: bool,
+    column_mapped: np.ndarray | None,
+) -> np.ndarray | None:
+    """Entries that can become tokens (in ``rows``, nonzero, mapped column); ``None`` when all can."""
+    mask = None
+    if not rows.all():
+        mask = np.repeat(rows, np.diff(indptr))
+    if zeros:
+        mask = counts != 0 if mask is None else mask & (counts != 0)
+    if column_mapped is not None:
+        mapped = column_mapped.take(columns, mode="clip")
+        mask = mapped if mask is None else mask & mapped
+    return mask
+
+
+def _row_counts(mask: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Number of true entries of ``mask`` in every row."""
+    counts = np.zeros(indptr.size - 1, dtype=np.int64)
+    nonempty = indptr[1:] > indptr[:-1]
+    if nonempty.any():
+        counts[nonempty] = np.add.reduceat(mask.view(np.int8), indptr[:-1][nonempty], dtype=np.int64)
+    return counts
