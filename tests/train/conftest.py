@@ -8,10 +8,13 @@ Cells are rank-value encodings: distinct gene tokens per cell, no special tokens
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,3 +229,21 @@ def fsdp2_run(small_corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) ->
     run_dir = tmp_path_factory.mktemp("fsdp2_run")
     run_training(2, small_corpus.overrides(run_dir, *FAST, *EQUIVALENCE, "backend.name=fsdp2"))
     return run_dir
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. ``"32m"``) at ``mountpoint``, unmounted afterwards; skips the test where mounting
+    is not allowed (needs root and CAP_SYS_ADMIN: unprivileged containers)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)

@@ -34,7 +34,16 @@ from geneformer_workflow.train.distributed import DistributedConfig, Runtime
 from geneformer_workflow.train.init_from import load_source_model
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .conftest import EQUIVALENCE, FAST, compose, run_training, subprocess_env, train_command, train_losses
+from .conftest import (
+    EQUIVALENCE,
+    FAST,
+    compose,
+    mounted_tmpfs,
+    run_training,
+    subprocess_env,
+    train_command,
+    train_losses,
+)
 from .test_checkpoint import assert_same_weights, final_weights
 
 # Fixed LR schedule (decay_steps) so that runs to step 2 and to step 4 follow the same one; a checkpoint every step.
@@ -52,20 +61,9 @@ def clean_run(small_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def small_disk(tmp_path: Path):
-    """A 32 MB tmpfs (needs root and CAP_SYS_ADMIN: skipped in unprivileged containers)."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mountpoint)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    """A 32 MB tmpfs (skipped where mounting is not allowed)."""
+    with mounted_tmpfs(tmp_path / "disk", "32m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def _limit_file_size() -> None:

@@ -24,7 +24,7 @@ from geneformer_workflow.train import main
 from geneformer_workflow.train.corpus import CacheWriteError, build_cache, corpus_fingerprint
 from geneformer_workflow.train.metrics import truncate_metrics
 
-from .conftest import compose, read_metrics, subprocess_env
+from .conftest import compose, mounted_tmpfs, read_metrics, subprocess_env
 
 SPLITS = {"train": "train", "validation": "validation"}
 
@@ -170,18 +170,9 @@ def test_a_full_disk_or_quota_during_the_cache_build_is_named(small_corpus, tmp_
 
 @pytest.fixture
 def small_disk(tmp_path: Path):
-    """A 1 MB tmpfs (needs root and CAP_SYS_ADMIN: skipped in unprivileged containers)."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
+    """A 1 MB tmpfs (skipped where mounting is not allowed)."""
+    with mounted_tmpfs(tmp_path / "disk", "1m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def test_a_really_full_disk_fails_the_cache_build_cleanly_instead_of_killing_it(small_corpus, small_disk):
