@@ -2,9 +2,10 @@
 
 Generates a seeded synthetic raw-count file (default 20,000 cells x 20,000 genes, ~2,000 detected
 genes per cell, Ensembl ids from Geneformer's V1 dictionary), then runs each tokenizer as its own
-process and prints whole-command wall and CPU time, steady-state cells/s (the tokenizing loop alone:
-per wall second and per CPU second, i.e. per core) and peak RSS. Ours includes reading the file and
-writing the parquet in its loop; the reference's loop is ``tokenize_anndata`` on an in-memory AnnData.
+process and prints whole-command wall and CPU time (ours: the ``gfw tokenize`` command line, run in
+a fresh Python), steady-state cells/s (the tokenizing loop alone: per wall second and per CPU second,
+i.e. per core) and peak RSS. Ours includes reading the file and writing the parquet in its loop;
+the reference's loop is ``tokenize_anndata`` on an in-memory AnnData.
 ``--big-cells 100000`` adds a larger file for ours only, to show memory stays bounded. Every command
 runs ``--repeat`` times, alternating ours and the reference, and the table shows medians (the machine
 may be shared: compare numbers from one run only).
@@ -40,21 +41,19 @@ def peak_rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-start = time.perf_counter()
-from geneformer_workflow.medians import read_medians
-from geneformer_workflow.presets import PRESETS
-from geneformer_workflow.tokenize import tokenize_h5ad
-from geneformer_workflow.vocab import load_token_dictionary
+from geneformer_workflow import _corpus
+from geneformer_workflow.cli import main
+write, loop = _corpus.CorpusWriter.write, {}
+def timed_write(self, *args, **kwargs):  # the streaming loop: read, rank, encode, write
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = write(self, *args, **kwargs)
+    loop.update(loop_s=time.perf_counter() - wall, loop_cpu_s=time.process_time() - cpu, cells=len(result[0]))
+    return result
+_corpus.CorpusWriter.write = timed_write
 h5ad, out, tokens, medians, threads = sys.argv[1:6]
-token_dictionary, gene_medians = load_token_dictionary(tokens), read_medians(medians)
-loop, cpu = time.perf_counter(), time.process_time()
-stats = tokenize_h5ad(
-    h5ad, out, token_dictionary=token_dictionary, gene_medians=gene_medians, preset=PRESETS["v1"],
-    threads=int(threads) or None,
-)
-end, cpu_end = time.perf_counter(), time.process_time()
-rss_mb = peak_rss_mb()
-print(json.dumps({"cells": stats.n_cells, "loop_s": end - loop, "loop_cpu_s": cpu_end - cpu, "rss_mb": rss_mb}))
+args = ["tokenize", h5ad, out, "--token-dictionary", tokens, "--gene-medians", medians, "--preset", "v1"]
+status = main(args + (["--threads", threads] if int(threads) else []))
+print(json.dumps({**loop, "status": status, "rss_mb": peak_rss_mb()}))
 """
 
 REFERENCE = """

@@ -125,3 +125,44 @@ def test_wrong_count_source_is_named(tmp_path):
     assert result.returncode == 2
     assert "has no 'layers/counts' matrix" in result.stderr
     assert not (tmp_path / "qc.tsv").exists()
+
+
+MEDIAN_TABLES = {
+    "zero": ("ensembl_id\tmedian\n{g0}\t0\n{g1}\t1.5\n", "not positive finite numbers (e.g. {g0})"),
+    "text": ("ensembl_id\tmedian\n{g0}\tlots\n", "not positive finite numbers (e.g. {g0})"),
+    "no-median-column": ("ensembl_id\tvalue\n{g0}\t1.0\n", "needs the columns ensembl_id and median"),
+    "empty": ("", "needs the columns ensembl_id and median"),
+    "short-row": ("ensembl_id\tn\tmedian\n{g0}\t3\n", "line 2 has 2 columns"),
+    "duplicate-gene": ("ensembl_id\tmedian\n{g0}\t1.0\n{g0}\t2.0\n", "gene {g0} has more than one median"),
+}
+
+
+@pytest.mark.parametrize("case", list(MEDIAN_TABLES))
+def test_a_bad_gene_median_table_is_named(tmp_path, medians_tsv, case):
+    text, expected = (t.format(g0=GENES[0], g1=GENES[1]) for t in MEDIAN_TABLES[case])
+    bad = tmp_path / "bad_medians.tsv"
+    bad.write_text(text)
+    h5ad = write_counts_h5ad(tmp_path / "in.h5ad", COUNTS, GENES)
+    vocab = tmp_path / "vocab"
+    assert gfw("vocab", medians_tsv, "-o", vocab, cwd=tmp_path).returncode == 0
+    out = tmp_path / "out" / "corpus.parquet"
+    result = gfw("tokenize", h5ad, out, "--token-dictionary", vocab, "--gene-medians", bad, cwd=tmp_path)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"gfw tokenize: error: {bad}: ")
+    assert expected in error
+    assert not out.parent.exists()
+
+
+def test_a_qc_table_with_a_bad_verdict_is_named(tmp_path, medians_tsv):
+    h5ad = write_counts_h5ad(tmp_path / "in.h5ad", COUNTS, GENES)
+    qc = tmp_path / "qc.tsv"
+    qc.write_text("cell_id\tfilter_pass\ncell0\t1\ncell1\tmaybe\ncell2\t0\n")
+    vocab = tmp_path / "vocab"
+    assert gfw("vocab", medians_tsv, "-o", vocab, cwd=tmp_path).returncode == 0
+    out = tmp_path / "out" / "corpus.parquet"
+    args = ["--token-dictionary", vocab, "--gene-medians", medians_tsv, "--cell-filter", qc]
+    result = gfw("tokenize", h5ad, out, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{qc}: filter_pass of cell 'cell1' is 'maybe', expected 1 or 0" in result.stderr
+    assert not out.parent.exists()

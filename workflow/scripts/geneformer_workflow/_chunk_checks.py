@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
-import scipy.sparse as sp
 
 T = TypeVar("T")
 
@@ -74,6 +73,8 @@ def is_canonical(indptr: np.ndarray, indices: np.ndarray, buffers: Buffers) -> b
 
 def to_canonical(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_vars: int) -> tuple[np.ndarray, ...]:
     """Sort columns within rows and sum duplicate entries (float64), as scipy's ``sum_duplicates``."""
+    import scipy.sparse as sp  # imported here: it costs a quarter of a second, and canonical files never need it
+
     matrix = sp.csr_matrix((data.astype(np.float64), indices.copy(), indptr.copy()), shape=(indptr.size - 1, n_vars))
     matrix.sum_duplicates()
     return matrix.indptr.astype(np.int64), matrix.indices, matrix.data

@@ -16,11 +16,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from geneformer_workflow._arrow import numeric, strings
 from geneformer_workflow._atomic import atomic_path
 from geneformer_workflow._gene_ranker import GeneRanker
+from geneformer_workflow._h5frame import ColumnParts
 from geneformer_workflow._io import H5adCounts, InputError, RawChunk
 from geneformer_workflow._parquet import ParquetSink
 from geneformer_workflow.presets import CLS, EOS, Preset
@@ -28,7 +29,7 @@ from geneformer_workflow.progress import Progress
 
 log = logging.getLogger(__name__)
 
-_SPLITS = pa.array(["train", "validation"], type=pa.string())
+_SPLITS = strings(["train", "validation"])
 
 
 @dataclass
@@ -72,9 +73,9 @@ class CorpusWriter:
     ) -> None:
         self.reader, self.ranker, self.keep, self.preset, self.tokens = reader, ranker, keep, preset, tokens
         self.threads = max(0, threads)  # 0: rank in the calling thread
-        self.obs_table = _obs_table(reader.obs, obs_columns, reader.path)
-        self.cell_ids = reader.obs.index.astype(str).to_numpy()
-        self.cell_id_array = pa.array(self.cell_ids, type=pa.string())
+        self.obs_table = _obs_table(reader, obs_columns)
+        self.cell_ids = reader.cell_ids
+        self.cell_id_array = strings(self.cell_ids)
         fixed = [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_id", pa.string())]
         self.schema = pa.schema([*fixed, ("split", pa.string()), *self.obs_table.schema])
 
@@ -90,11 +91,11 @@ class CorpusWriter:
 
         def finish(sink: ParquetSink) -> None:
             future, n_rows = pending.popleft()
-            table, chunk_counts = future.result()
+            table, chunk_lengths, chunk_counts = future.result()
             counts.add(chunk_counts)
             if table is not None:
                 sink.write(table)
-                lengths.append(table.column("length").to_numpy())
+                lengths.append(chunk_lengths)
             progress.update(n_rows)
 
         with atomic_path(target) as tmp:
@@ -118,8 +119,10 @@ class CorpusWriter:
                 raise InputError(msg)
         return (np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)), counts
 
-    def _chunk(self, chunk: RawChunk, validation_fraction: float) -> tuple[pa.Table | None, ChunkCounts]:
-        """The row group of one chunk and its counts (on a ranking thread, or the caller's)."""
+    def _chunk(
+        self, chunk: RawChunk, validation_fraction: float
+    ) -> tuple[pa.Table | None, np.ndarray, ChunkCounts]:
+        """The row group of one chunk, its cells' lengths and its counts (on a ranking thread, or the caller's)."""
         row_sums = chunk.row_sums()
         n_counts = self.reader.n_counts(chunk, row_sums=row_sums)
         wanted = self.keep[chunk.start : chunk.stop]
@@ -132,32 +135,43 @@ class CorpusWriter:
         counts.n_cells_empty = int((rows & ~nonempty).sum()) + int((wanted & ~rows).sum())
         local = np.flatnonzero(nonempty)
         if not local.size:
-            return None, counts
+            return None, local, counts
         index = chunk.start + local
         tokens, lengths = ranked.tokens, ranked.lengths[local]
         if self.preset.special_tokens:
             tokens, lengths = _wrap_special(tokens, lengths, self.tokens[CLS], self.tokens[EOS])
         offsets = np.zeros(lengths.size + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens))
+        input_ids = pa.ListArray.from_arrays(numeric(offsets), numeric(tokens))
         is_val = validation_mask(self.cell_ids[index], validation_fraction)
         counts.n_validation = int(is_val.sum())
-        take = pa.array(index)
-        split = _SPLITS.take(pa.array(is_val.view(np.int8)))
-        columns = [input_ids, pa.array(lengths), self.cell_id_array.take(take), split]
-        return pa.Table.from_arrays([*columns, *self.obs_table.take(take).columns], schema=self.schema), counts
+        take = numeric(index)
+        split = _SPLITS.take(numeric(is_val.view(np.int8)))
+        columns = [input_ids, numeric(lengths), self.cell_id_array.take(take), split]
+        table = pa.Table.from_arrays([*columns, *self.obs_table.take(take).columns], schema=self.schema)
+        return table, lengths, counts
 
 
-def _obs_table(obs: pd.DataFrame, columns: list[str], path: Path) -> pa.Table:
-    missing = [c for c in columns if c not in obs.columns]
+def _obs_table(reader: H5adCounts, columns: list[str]) -> pa.Table:
+    """The ``obs`` columns to keep, read one by one (categoricals become their labels as text)."""
+    missing = [c for c in columns if c not in reader.obs_columns]
     if missing:
-        msg = f"{path}: obs has no column(s) {missing} to keep (available: {list(obs.columns)})"
+        msg = f"{reader.path}: obs has no column(s) {missing} to keep (available: {reader.obs_columns})"
         raise InputError(msg)
-    frame = obs[columns].reset_index(drop=True)
-    for col in columns:
-        if isinstance(frame[col].dtype, pd.CategoricalDtype):
-            frame[col] = frame[col].astype(str)
-    return pa.Table.from_pandas(frame, preserve_index=False)
+    return pa.table({c: _arrow_column(reader.obs_column(c)) for c in columns})
+
+
+def _arrow_column(parts: ColumnParts) -> pa.Array:
+    """An arrow array of a stored column: missing values are nulls, category labels are strings."""
+    if parts.kind == "categorical":
+        return strings(parts.categories.tolist()).take(numeric(parts.values.astype(np.int64), mask=parts.values < 0))
+    if parts.values.dtype == object:
+        if all(type(v) is str for v in parts.values.tolist()):
+            return strings(parts.values.tolist())
+        return pa.array(parts.values.tolist())  # mixed or missing values (a file read through anndata)
+    if parts.values.dtype.kind in "SU":
+        return strings(parts.values.tolist())
+    return numeric(parts.values, mask=parts.mask)
 
 
 def _wrap_special(tokens: np.ndarray, lengths: np.ndarray, cls: int, eos: int) -> tuple[np.ndarray, np.ndarray]:

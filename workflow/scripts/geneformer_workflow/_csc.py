@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ def _band(
     node: h5py.Group, column_ptr: np.ndarray, shape: tuple[int, int], first: int, last: int, *, check: bool
 ) -> sp.csr_matrix:
     """Rows ``first:last`` as CSR (duplicates and column order as stored); ``check``: refuse bad row indices."""
+    import scipy.sparse as sp  # imported here: it costs a quarter of a second, and CSR files never need it
+
     n_rows, n_vars = shape
     rows, data, per_column = [], [], np.zeros(n_vars, dtype=np.int64)
     for c0, c1 in _column_blocks(column_ptr):

@@ -7,13 +7,12 @@ with duplicate gene ids first sums its columns (a sparse product).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
-from geneformer_workflow._genes import collapse_matrix
+from geneformer_workflow._genes import collapse_matrix, positions
 from geneformer_workflow._io import RawChunk
 from geneformer_workflow._ranking import rank_rows
 
@@ -24,25 +23,25 @@ class GeneRanker:
     Local gene indices follow ascending token id, so ties in value are broken by token id.
     """
 
-    def __init__(self, file_gene_ids: np.ndarray, token_dictionary: dict[str, int], medians: pd.Series) -> None:
-        ids = pd.Index(file_gene_ids)
-        candidates = ids.unique()
-        candidates = candidates[candidates.isin(medians.index)]
-        usable = sorted((token_dictionary[g], g) for g in candidates if g in token_dictionary)
+    def __init__(
+        self, file_gene_ids: np.ndarray, token_dictionary: Mapping[str, int], medians: Mapping[str, float]
+    ) -> None:
+        ids = file_gene_ids.tolist()
+        usable = sorted((token_dictionary[g], g) for g in set(ids) if g in token_dictionary and g in medians)
         self.token_ids = np.array([t for t, _ in usable], dtype=np.int32)
-        genes = pd.Index([g for _, g in usable])
-        self.inv_median = 1.0 / medians.reindex(genes).to_numpy(np.float64)
-        self.column_gene = genes.get_indexer(ids)  # file column -> local gene (-1: none)
+        genes = [g for _, g in usable]
+        self.inv_median = 1.0 / np.array([medians[g] for g in genes], dtype=np.float64)
+        self.column_gene = positions(ids, genes)  # file column -> local gene (-1: none)
         mapped = self.column_gene >= 0
         self.all_mapped = bool(mapped.all())
         # Several columns with one id must be summed first (a sparse product); otherwise a lookup suffices.
         n_mapped = int(mapped.sum())
-        self.collapse = collapse_matrix(file_gene_ids, genes) if self.n_genes < n_mapped else None
+        self.collapse = collapse_matrix(self.column_gene, self.n_genes) if self.n_genes < n_mapped else None
         # Per file column, for the ranking kernel (unmapped columns never reach it).
         self.column_mapped = mapped
-        self.column_token = np.zeros(ids.size, dtype=np.int32)
+        self.column_token = np.zeros(len(ids), dtype=np.int32)
         self.column_token[mapped] = self.token_ids[self.column_gene[mapped]]
-        self.column_inv_median = np.zeros(ids.size, dtype=np.float64)
+        self.column_inv_median = np.zeros(len(ids), dtype=np.float64)
         self.column_inv_median[mapped] = self.inv_median[self.column_gene[mapped]]
 
     @property
@@ -56,6 +55,8 @@ class GeneRanker:
         column_token, column_inv_median = self.column_token, self.column_inv_median
         column_mapped = None if self.all_mapped else self.column_mapped
         if self.collapse is not None:
+            import scipy.sparse as sp  # only files with duplicate gene ids get here
+
             shape = (rows.size, len(self.column_gene))
             matrix = sp.csr_matrix((counts.astype(np.float64), columns, indptr), shape=shape)
             matrix = sp.csr_matrix(matrix @ self.collapse)

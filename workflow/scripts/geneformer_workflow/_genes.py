@@ -1,22 +1,32 @@
-"""Gene ids: normalise Ensembl ids, map symbols, and collapse a file's genes onto a gene list."""
+"""Gene ids: normalise Ensembl ids, map symbols, and collapse a file's genes onto a gene list.
+
+Plain Python and numpy (20,000 ids take milliseconds): the tokenizer's start-up does not pay for pandas.
+"""
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 import logging
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
 from geneformer_workflow._pickle import load_plain_pickle
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
 _ENSEMBL_VERSIONED = re.compile(r"^(ENS[A-Z]*[GT]\d+)\.\d+$")
+_ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
 
 
 def normalize_gene_ids(ids: np.ndarray, *, strip_version: bool = True) -> np.ndarray:
@@ -27,10 +37,10 @@ def normalize_gene_ids(ids: np.ndarray, *, strip_version: bool = True) -> np.nda
     >>> normalize_gene_ids(np.array(["ENSG00000000003.15", " ENSG00000000005"], dtype=object)).tolist()
     ['ENSG00000000003', 'ENSG00000000005']
     """
-    cleaned = pd.Series(ids, dtype=object).astype(str).str.strip()
+    cleaned = [str(g).strip() for g in ids]
     if strip_version:
-        cleaned = cleaned.str.replace(_ENSEMBL_VERSIONED, r"\1", regex=True)
-    return cleaned.to_numpy(dtype=object)
+        cleaned = [_ENSEMBL_VERSIONED.sub(r"\1", g) if "." in g else g for g in cleaned]
+    return np.array(cleaned, dtype=object)
 
 
 BUILTIN_MAPPINGS = {"grch38": "symbol_to_ensembl_grch38_e93.tsv.gz"}
@@ -44,21 +54,15 @@ def load_gene_mapping(path: str | Path) -> dict[str, str]:
     """
     if str(path).lower() in BUILTIN_MAPPINGS:
         table = resources.files("geneformer_workflow.data") / BUILTIN_MAPPINGS[str(path).lower()]
-        with table.open("rb") as fh:
-            frame = pd.read_csv(fh, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
-        return dict(zip(frame["symbol"], frame["ensembl_id"], strict=True))
+        with table.open("rb") as raw, gzip.open(raw, "rt", newline="") as fh:
+            return {row["symbol"]: row["ensembl_id"] for row in csv.DictReader(fh, delimiter="\t")}
     path = Path(path)
     if path.suffix in (".pkl", ".pickle"):
         mapping = load_plain_pickle(path)
     elif path.suffix == ".json":
         mapping = json.loads(path.read_text())
     else:
-        sep = "," if path.suffix == ".csv" else "\t"
-        table = pd.read_csv(path, sep=sep, dtype=str, comment="#", keep_default_na=False)
-        if table.shape[1] < 2:
-            msg = f"{path}: a gene mapping table needs two columns (gene id, Ensembl id)"
-            raise ValueError(msg)
-        mapping = dict(zip(table.iloc[:, 0], table.iloc[:, 1], strict=True))
+        mapping = _two_column_table(path, "," if path.suffix == ".csv" else "\t")
     return {str(k): str(v) for k, v in mapping.items()}
 
 
@@ -69,28 +73,51 @@ def map_gene_ids(ids: np.ndarray, mapping: dict[str, str] | None, *, source: str
     upper = {k.upper(): v for k, v in mapping.items()}
     mapped = np.array([mapping.get(g, upper.get(g.upper(), g)) for g in ids], dtype=object)
     changed = int((mapped != ids).sum())
-    already = int(pd.Index(ids).str.match(r"^ENS[A-Z]*G\d{6,}").sum())
+    already = sum(bool(_ENSEMBL_GENE.match(str(g))) for g in ids)
     log.info("%s: mapped %d of %d gene ids to Ensembl ids (%d already were)", source, changed, len(ids), already)
     return mapped
 
 
-def collapse_matrix(file_gene_ids: np.ndarray, targets: pd.Index) -> sp.csr_matrix:
-    """A (n_file_genes, len(targets)) 0/1 matrix summing the file's columns onto ``targets``.
+def _two_column_table(path: Path, sep: str) -> dict[str, str]:
+    """The first two columns of a delimited text file with a header line (``#`` lines are comments)."""
+    text = path.read_text()
+    lines = (line for line in io.StringIO(text) if line.strip() and not line.startswith("#"))
+    rows = list(csv.reader(lines, delimiter=sep))
+    if not rows or len(rows[0]) < 2:
+        msg = f"{path}: a gene mapping table needs two columns (gene id, Ensembl id)"
+        raise ValueError(msg)
+    short = next((i for i, row in enumerate(rows[1:], start=2) if len(row) < 2), None)
+    if short is not None:
+        msg = f"{path}: row {short} of the gene mapping table has fewer than two columns"
+        raise ValueError(msg)
+    return {row[0]: row[1] for row in rows[1:]}
 
-    Columns of the file whose id is not in ``targets`` map nowhere; several columns with the same id
-    are summed (upstream Geneformer would emit the token twice).
+
+def positions(ids: Iterable[str], targets: Iterable[str]) -> np.ndarray:
+    """The position of every id in ``targets`` (-1: not there)."""
+    where = {t: i for i, t in enumerate(targets)}
+    ids = list(ids)
+    return np.fromiter((where.get(g, -1) for g in ids), dtype=np.int64, count=len(ids))
+
+
+def collapse_matrix(position: np.ndarray, n_targets: int) -> sp.csr_matrix:
+    """A (n_file_genes, n_targets) 0/1 matrix summing the file's columns onto their target genes.
+
+    ``position``: every file column's target (:func:`positions`; -1 maps nowhere). Several columns
+    with the same target are summed (upstream Geneformer would emit the token twice).
     """
-    position = targets.get_indexer(pd.Index(file_gene_ids))
+    import scipy.sparse as sp  # only files with duplicate gene ids need it
+
     rows = np.flatnonzero(position >= 0)
     ones = np.ones(rows.size, dtype=np.float64)
-    return sp.csr_matrix((ones, (rows, position[rows])), shape=(len(file_gene_ids), len(targets)))
+    return sp.csr_matrix((ones, (rows, position[rows])), shape=(len(position), n_targets))
 
 
 def report_duplicates(path: Path, ids: np.ndarray) -> int:
     """Warn (with counts) when a file has repeated gene ids, which are summed."""
-    duplicated = pd.Index(ids).duplicated()
-    n_dup = int(duplicated.sum())
-    if n_dup:
-        examples = sorted(set(pd.Index(ids)[duplicated]))[:5]
-        log.warning("%s: %d duplicate gene ids are summed (e.g. %s)", path, n_dup, examples)
-    return n_dup
+    seen: set[str] = set()
+    duplicates = [g for g in ids.tolist() if g in seen or seen.add(g)]
+    if duplicates:
+        examples = sorted(set(duplicates))[:5]
+        log.warning("%s: %d duplicate gene ids are summed (e.g. %s)", path, len(duplicates), examples)
+    return len(duplicates)

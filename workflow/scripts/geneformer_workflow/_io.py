@@ -11,23 +11,28 @@ Two views of a chunk: :class:`CountChunk` (float64 CSR, for QC and medians) and 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
 from geneformer_workflow._chunk_checks import Buffers, counts_low, is_canonical, read_ahead, to_canonical
 from geneformer_workflow._csc import csc_row_bands
-from geneformer_workflow._h5frame import column_names, read_column, read_dataframe
+from geneformer_workflow._h5frame import ColumnParts, column_names, read_column, read_column_parts, read_dataframe
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
 COUNT_SOURCES_HELP = "'X', 'raw' (raw.X) or 'layers/<name>'"
+ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
 DENSE_BYTES = 64 << 20  # dense rows read at once
 
 
@@ -87,6 +92,9 @@ class RawChunk:
 class H5adCounts:
     """Row-chunked reader of the raw counts, obs and gene ids of one ``.h5ad`` file.
 
+    The cell ids and gene ids are read when the file is opened; ``obs`` columns one at a time
+    (:meth:`obs_column`), or as a whole dataframe (:attr:`obs`, which imports pandas) on first use.
+
     Args:
         path: the ``.h5ad`` file.
         counts: where the raw counts are: ``"X"``, ``"raw"`` or ``"layers/<name>"``.
@@ -106,7 +114,9 @@ class H5adCounts:
             raise self._error(msg) from err
         try:
             self._matrix, self._var_group = self._locate(counts)
-            self.obs = read_dataframe(self._file["obs"])
+            self._obs_group = self._file["obs"]
+            self.cell_ids = _as_str(read_column(self._obs_group, None))
+            self.obs_columns = column_names(self._obs_group)
             self.gene_ids = self._gene_ids(gene_id_key)
         except KeyError as err:
             self.close()
@@ -115,6 +125,15 @@ class H5adCounts:
         self.n_obs, self.n_vars = self._shape()
         self._obs_n_counts: np.ndarray | None = None
         self._check_shape()
+
+    @cached_property
+    def obs(self) -> pd.DataFrame:
+        """The ``obs`` dataframe (read on first use: tokenizing needs single columns alone)."""
+        return read_dataframe(self._obs_group)
+
+    def obs_column(self, key: str) -> ColumnParts:
+        """One ``obs`` column, as stored (see :class:`~geneformer_workflow._h5frame.ColumnParts`)."""
+        return read_column_parts(self._obs_group, key)
 
     @cached_property
     def var(self) -> pd.DataFrame:
@@ -169,28 +188,28 @@ class H5adCounts:
                 f"(columns: {columns}); set the gene id column or use the var index"
             )
             raise self._error(msg)
-        return np.asarray(read_column(self._var_group, gene_id_key).astype(str), dtype=object)
+        return _as_str(read_column(self._var_group, gene_id_key))
 
     def _check_shape(self) -> None:
         if self.n_obs == 0 or self.n_vars == 0:
             msg = f"the count matrix is empty ({self.n_obs} cells x {self.n_vars} genes)"
             raise self._error(msg)
-        if len(self.obs) != self.n_obs or len(self.gene_ids) != self.n_vars:
+        if len(self.cell_ids) != self.n_obs or len(self.gene_ids) != self.n_vars:
             shape = f"{self.n_obs} x {self.n_vars}"
-            msg = f"matrix is {shape} but obs has {len(self.obs)} rows and var {len(self.gene_ids)}"
+            msg = f"matrix is {shape} but obs has {len(self.cell_ids)} rows and var {len(self.gene_ids)}"
             raise self._error(msg)
-        obs_look_like_genes = pd.Index(self.obs.index[:100]).str.match(r"^ENS[A-Z]*G\d{6,}").mean() > 0.5
-        var_look_like_genes = pd.Index(self.gene_ids[:100]).str.match(r"^ENS[A-Z]*G\d{6,}").mean() > 0.5
-        if obs_look_like_genes and not var_look_like_genes:
+        if _mostly_gene_ids(self.cell_ids[:100]) and not _mostly_gene_ids(self.gene_ids[:100]):
             msg = (
                 "obs names look like Ensembl gene ids — the matrix seems transposed (genes as rows); "
                 "write it as cells x genes (adata.T)"
             )
             raise self._error(msg)
-        duplicated = self.obs.index.duplicated()
-        if duplicated.any():
+        n_unique = len(set(self.cell_ids.tolist()))
+        if n_unique < self.n_obs:
+            seen: set[str] = set()
+            example = next(c for c in self.cell_ids.tolist() if c in seen or seen.add(c))
             msg = (
-                f"{int(duplicated.sum())} duplicate cell ids (e.g. {self.obs.index[duplicated][0]!r}); cell ids name "
+                f"{self.n_obs - n_unique} duplicate cell ids (e.g. {example!r}); cell ids name "
                 "the corpus rows, so make them unique (adata.obs_names_make_unique())"
             )
             raise self._error(msg)
@@ -198,6 +217,8 @@ class H5adCounts:
     # -- reading ------------------------------------------------------------------------------
     def iter_chunks(self, chunk_size: int = 2048, *, start: int = 0, stop: int | None = None) -> Iterator[CountChunk]:
         """Yield validated float64 CSR row chunks of rows ``start:stop`` of the count matrix, in order."""
+        import scipy.sparse as sp
+
         for raw in self.iter_raw_chunks(chunk_size, start=start, stop=stop):
             matrix = sp.csr_matrix(
                 (raw.data.astype(np.float64), raw.indices.copy(), raw.indptr.copy()),
@@ -275,6 +296,8 @@ class H5adCounts:
 
     def _read_dense_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` of a dense matrix as CSR, read ``DENSE_BYTES`` at a time (a wide matrix is big)."""
+        import scipy.sparse as sp
+
         step = max(1, DENSE_BYTES // (self.n_vars * self._matrix.dtype.itemsize))
         parts = [sp.csr_matrix(self._matrix[a : min(a + step, stop)]) for a in range(start, stop, step)]
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
@@ -307,7 +330,7 @@ class H5adCounts:
             problem = "non-integer counts"
         first = int(np.flatnonzero(bad)[0])
         row = int(np.searchsorted(indptr, first, side="right") - 1)
-        cell = self.obs.index[start + row]
+        cell = self.cell_ids[start + row]
         msg = (
             f"{self.counts} holds {problem} (e.g. {data[first]:g} in cell {cell!r}); Geneformer tokenization "
             "needs raw integer counts — this looks like normalised, log-transformed or scaled data. "
@@ -322,16 +345,16 @@ class H5adCounts:
         genes the file may lack), else the values would be wrong: that is an error naming the cell.
         """
         row_sums = chunk.row_sums() if row_sums is None else row_sums
-        if "n_counts" not in self.obs.columns:
+        if "n_counts" not in self.obs_columns:
             return row_sums
         if self._obs_n_counts is None:
-            self._obs_n_counts = self.obs["n_counts"].to_numpy(dtype=np.float64)
+            self._obs_n_counts = self.obs_column("n_counts").to_numpy().astype(np.float64)
         n_counts = self._obs_n_counts[chunk.start : chunk.stop]
         bad = ~np.isfinite(n_counts) | (n_counts < row_sums * (1 - 1e-6))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             msg = (
-                f"obs['n_counts'] is inconsistent with the counts: cell {self.obs.index[chunk.start + i]!r} has "
+                f"obs['n_counts'] is inconsistent with the counts: cell {self.cell_ids[chunk.start + i]!r} has "
                 f"n_counts {n_counts[i]:g} but {row_sums[i]:g} counts in the matrix; n_counts must be the total "
                 "over all genes of the raw counts (drop the column to have it computed)"
             )
@@ -347,6 +370,18 @@ class H5adCounts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _as_str(values: np.ndarray) -> np.ndarray:
+    """An object array of ``str`` (ids stored as numbers or bytes become text)."""
+    if values.dtype == object and all(type(v) is str for v in values.tolist()):
+        return values
+    return np.array([str(v) for v in values.tolist()], dtype=object)
+
+
+def _mostly_gene_ids(ids: np.ndarray) -> bool:
+    """Whether more than half of ``ids`` look like Ensembl gene ids."""
+    return sum(bool(ENSEMBL_GENE.match(str(i))) for i in ids.tolist()) > len(ids) / 2
 
 
 def count_cells(path: str | Path, counts: str = "X") -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _run_vocab(args: argparse.Namespace) -> None:
-    from geneformer_workflow.medians import read_medians
+    from geneformer_workflow._median_table import read_gene_medians
     from geneformer_workflow.presets import get_preset
     from geneformer_workflow.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
 
@@ -219,13 +220,13 @@ def _run_vocab(args: argparse.Namespace) -> None:
     if args.token_dictionary:
         tokens = load_token_dictionary(args.token_dictionary)
     else:
-        tokens = build_token_dictionary(read_medians(args.gene_medians).index, preset)
+        tokens = build_token_dictionary(read_gene_medians(args.gene_medians), preset)
     write_vocab_dir(tokens, args.output, max_length=preset.max_length)
     log.info("wrote a vocabulary of %d tokens (preset %s) to %s", len(tokens), preset.name, args.output)
 
 
 def _run_tokenize(args: argparse.Namespace) -> None:
-    from geneformer_workflow.medians import read_medians
+    from geneformer_workflow._median_table import read_gene_medians
     from geneformer_workflow.presets import get_preset
     from geneformer_workflow.tokenize import tokenize_h5ad
     from geneformer_workflow.vocab import load_token_dictionary
@@ -234,7 +235,7 @@ def _run_tokenize(args: argparse.Namespace) -> None:
         args.h5ad,
         args.output,
         token_dictionary=load_token_dictionary(args.token_dictionary),
-        gene_medians=read_medians(args.gene_medians),
+        gene_medians=read_gene_medians(args.gene_medians),
         preset=get_preset(args.preset),
         counts=args.counts,
         gene_id_key=args.gene_id_key,
@@ -249,20 +250,28 @@ def _run_tokenize(args: argparse.Namespace) -> None:
     log.info("%s: %d cells, %d tokens -> %s", args.h5ad, stats.n_cells, stats.n_tokens, args.output)
 
 
+def _run_torch_command(argv: list[str]) -> int:
+    """``train``, ``export``, ``embed`` and ``plot`` parse their own arguments."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv[0] == "train":
+        from geneformer_workflow.train import cli_main
+    elif argv[0] == "export":
+        from geneformer_workflow.export import cli_main
+    elif argv[0] == "embed":
+        from geneformer_workflow.embed import cli_main
+    else:
+        from geneformer_workflow.plots import cli_main
+    return cli_main(argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gfw``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "export", "embed", "plot"):
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        if argv[0] == "train":
-            from geneformer_workflow.train import cli_main
-        elif argv[0] == "export":
-            from geneformer_workflow.export import cli_main
-        elif argv[0] == "embed":
-            from geneformer_workflow.embed import cli_main
-        else:
-            from geneformer_workflow.plots import cli_main
-        return cli_main(argv[1:])
+        return _run_torch_command(argv)
+    # The data steps make no BLAS calls, but OpenBLAS's idle worker threads spin for ~0.15 s of CPU
+    # after numpy is imported; with one thread there are none (set before numpy is first imported).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
     from geneformer_workflow._io import InputError

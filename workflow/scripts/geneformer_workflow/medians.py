@@ -24,8 +24,9 @@ import scipy.sparse as sp
 
 from geneformer_workflow._atomic import atomic_path
 from geneformer_workflow._cells import cells_to_keep, load_cell_filter, require_some_cells
-from geneformer_workflow._genes import collapse_matrix, map_gene_ids, normalize_gene_ids, report_duplicates
+from geneformer_workflow._genes import collapse_matrix, map_gene_ids, normalize_gene_ids, positions, report_duplicates
 from geneformer_workflow._io import H5adCounts, InputError
+from geneformer_workflow._median_table import read_gene_medians
 from geneformer_workflow.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def summarize_h5ad(
                 f"(e.g. {ids[:3].tolist()}); use the var column with Ensembl ids or pass a gene mapping for symbols"
             )
             raise InputError(msg)
-        collapse = collapse_matrix(ids, genes)
+        collapse = collapse_matrix(positions(ids, genes), len(genes))
         qc_pass = load_cell_filter(cell_filter, reader) if cell_filter else None
         keep = cells_to_keep(reader, qc_pass)
         require_some_cells(reader, keep)
@@ -180,19 +181,4 @@ def write_medians_tsv(table: pd.DataFrame, path: str | Path) -> None:
 
 def read_medians(path: str | Path) -> pd.Series:
     """Read gene medians (ours as TSV, or Geneformer's pickled dict) as a Series indexed by Ensembl id."""
-    path = Path(path)
-    if path.suffix in (".pkl", ".pickle"):
-        from geneformer_workflow._pickle import load_plain_pickle
-
-        medians = pd.Series(load_plain_pickle(path), dtype=np.float64)
-    else:
-        table = pd.read_csv(path, sep="\t", dtype={"ensembl_id": str})
-        if not {"ensembl_id", "median"} <= set(table.columns):
-            msg = f"{path}: a gene median table needs the columns ensembl_id and median"
-            raise InputError(msg)
-        medians = pd.Series(table["median"].to_numpy(np.float64), index=table["ensembl_id"])
-    bad = ~(medians > 0) | ~np.isfinite(medians)
-    if bad.any():
-        msg = f"{path}: {int(bad.sum())} gene medians are not positive finite numbers (e.g. {medians[bad].index[0]})"
-        raise InputError(msg)
-    return medians
+    return pd.Series(read_gene_medians(path), dtype=np.float64)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from geneformer_workflow._atomic import atomic_path, write_json_atomic
 from geneformer_workflow._cells import cells_to_keep, load_cell_filter, require_some_cells
@@ -76,7 +76,7 @@ def tokenize_h5ad(
     out_parquet: str | Path,
     *,
     token_dictionary: dict[str, int],
-    gene_medians: pd.Series,
+    gene_medians: Mapping[str, float],
     preset: Preset,
     counts: str = "X",
     gene_id_key: str | None = None,

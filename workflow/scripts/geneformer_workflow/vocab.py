@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
-
-import pandas as pd
 
 from geneformer_workflow._atomic import atomic_path
 from geneformer_workflow._io import InputError
@@ -22,7 +21,7 @@ TOKEN_DICTIONARY = "token_dictionary.json"
 GENEFORMER_TOKEN_DICTIONARY = "token_dictionary.pkl"
 
 
-def build_token_dictionary(gene_ids: list[str] | pd.Index, preset: Preset) -> dict[str, int]:
+def build_token_dictionary(gene_ids: Iterable[str], preset: Preset) -> dict[str, int]:
     """Special tokens of ``preset``, then ``gene_ids`` sorted ascending.
 
     >>> from geneformer_workflow.presets import PRESETS
