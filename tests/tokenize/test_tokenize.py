@@ -205,3 +205,13 @@ def test_row_range_shards_concatenate_to_the_whole_file(tmp_path):
     assert [p.n_cells_input for p in parts] == [100, 1, 149]
     with pytest.raises(InputError, match="outside the file's 250 cells"):
         tokenize_h5ad(h5ad, tmp_path / "bad.parquet", rows=(200, 300), **kwargs)
+
+
+def test_token_lists_are_byte_stream_split_and_zstd(tmp_path):
+    """The token column's encoding (a silently ignored option would double the encoding cost)."""
+    h5ad = write_counts_h5ad(tmp_path / "in.h5ad", COUNTS, GENES)
+    _tokenize(tmp_path, h5ad)
+    column = pq.ParquetFile(tmp_path / "corpus.parquet").metadata.row_group(0).column(0)
+    assert column.path_in_schema == "input_ids.list.element"
+    assert "BYTE_STREAM_SPLIT" in column.encodings
+    assert (column.compression, column.statistics) == ("ZSTD", None)
