@@ -162,3 +162,17 @@ def test_dense_rows_are_read_in_pieces_to_the_same_corpus(tmp_path, monkeypatch)
         tokenize_h5ad(path, out, token_dictionary=tokens, gene_medians=medians, preset=PRESETS[1], chunk_size=20)
         tables.append(pq.read_table(out))
     assert tables[0].num_rows > 150 and tables[0].equals(tables[1])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_special_tokens_wrapped_in_place_equal_a_fresh_array(seed):
+    from geneformer_workflow._corpus import _wrap_special
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.choice([0, 1, 2, 50, 3000], size=40).astype(np.int32)
+    tokens = rng.integers(4, 25_000, int(lengths.sum())).astype(np.int32)
+    expected, expected_lengths = _wrap_special(tokens, lengths, 2, 3)
+    buffer = np.full(2 * lengths.size + tokens.size + 7, -1, dtype=np.int32)
+    buffer[2 * lengths.size : 2 * lengths.size + tokens.size] = tokens  # where the ranking leaves them
+    wrapped, wrapped_lengths = _wrap_special(buffer[2 * lengths.size :], lengths, 2, 3, out=buffer)
+    assert np.array_equal(wrapped, expected) and np.array_equal(wrapped_lengths, expected_lengths)

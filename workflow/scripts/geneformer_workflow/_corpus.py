@@ -32,6 +32,31 @@ log = logging.getLogger(__name__)
 _SPLITS = strings(["train", "validation"])
 
 
+class TokenBuffers:
+    """int32 arrays for chunks' tokens, reused once the parquet writer is done with them.
+
+    A fresh 16 MB array per chunk costs its page faults again (the kernel zeroes every page): ~5 % of
+    the tokenizer's CPU. At most one array per chunk in flight exists.
+    """
+
+    def __init__(self) -> None:
+        self._free: deque[np.ndarray] = deque()  # appends and pops are thread-safe
+
+    def take(self, size: int) -> np.ndarray:
+        """An array of at least ``size`` entries."""
+        try:
+            array = self._free.pop()
+        except IndexError:
+            array = None
+        if array is None or array.size < size:
+            array = np.empty(size + size // 4, dtype=np.int32)  # headroom: chunks differ in size
+        return array
+
+    def give(self, array: np.ndarray) -> None:
+        """Return an array from :meth:`take` (its contents are no longer needed)."""
+        self._free.append(array)
+
+
 @dataclass
 class ChunkCounts:
     """What a chunk contributes to the manifest's counts."""
@@ -76,6 +101,7 @@ class CorpusWriter:
         self.obs_table = _obs_table(reader, obs_columns)
         self.cell_ids = reader.cell_ids
         self.cell_id_array = strings(self.cell_ids)
+        self.buffers = TokenBuffers()
         fixed = [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_id", pa.string())]
         self.schema = pa.schema([*fixed, ("split", pa.string()), *self.obs_table.schema])
 
@@ -91,11 +117,13 @@ class CorpusWriter:
 
         def finish(sink: ParquetSink) -> None:
             future, n_rows = pending.popleft()
-            table, chunk_lengths, chunk_counts = future.result()
+            table, chunk_lengths, chunk_counts, buffer = future.result()
             counts.add(chunk_counts)
             if table is not None:
-                sink.write(table)
+                sink.write(table, on_written=lambda: self.buffers.give(buffer))
                 lengths.append(chunk_lengths)
+            else:
+                self.buffers.give(buffer)
             progress.update(n_rows)
 
         with atomic_path(target) as tmp:
@@ -121,13 +149,18 @@ class CorpusWriter:
 
     def _chunk(
         self, chunk: RawChunk, validation_fraction: float
-    ) -> tuple[pa.Table | None, np.ndarray, ChunkCounts]:
-        """The row group of one chunk, its cells' lengths and its counts (on a ranking thread, or the caller's)."""
+    ) -> tuple[pa.Table | None, np.ndarray, ChunkCounts, np.ndarray]:
+        """The row group of one chunk, its cells' lengths and counts, and the buffer its tokens are in.
+
+        Runs on a ranking thread or the caller's; the buffer goes back to :attr:`buffers` once written.
+        """
         row_sums = chunk.row_sums()
         n_counts = self.reader.n_counts(chunk, row_sums=row_sums)
         wanted = self.keep[chunk.start : chunk.stop]
         rows = wanted & (n_counts > 0)
-        ranked = self.ranker.rank(chunk, rows, n_counts, self.preset.max_genes)
+        special = 2 * chunk.indptr.size if self.preset.special_tokens else 0
+        buffer = self.buffers.take(chunk.data.size + special)  # more than the chunk's tokens
+        ranked = self.ranker.rank(chunk, rows, n_counts, self.preset.max_genes, out=buffer[special:])
         counts = ChunkCounts(counts_total=float(row_sums[rows].sum()))
         in_vocabulary = ranked.counts_in_vocabulary
         counts.counts_in_vocabulary = counts.counts_total if in_vocabulary is None else in_vocabulary
@@ -135,11 +168,11 @@ class CorpusWriter:
         counts.n_cells_empty = int((rows & ~nonempty).sum()) + int((wanted & ~rows).sum())
         local = np.flatnonzero(nonempty)
         if not local.size:
-            return None, local, counts
+            return None, local, counts, buffer
         index = chunk.start + local
         tokens, lengths = ranked.tokens, ranked.lengths[local]
-        if self.preset.special_tokens:
-            tokens, lengths = _wrap_special(tokens, lengths, self.tokens[CLS], self.tokens[EOS])
+        if self.preset.special_tokens:  # moves the tokens to the buffer's start, which they never overtake
+            tokens, lengths = _wrap_special(tokens, lengths, self.tokens[CLS], self.tokens[EOS], out=buffer)
         offsets = np.zeros(lengths.size + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
         input_ids = pa.ListArray.from_arrays(numeric(offsets), numeric(tokens))
@@ -149,7 +182,7 @@ class CorpusWriter:
         split = _SPLITS.take(numeric(is_val.view(np.int8)))
         columns = [input_ids, numeric(lengths), self.cell_id_array.take(take), split]
         table = pa.Table.from_arrays([*columns, *self.obs_table.take(take).columns], schema=self.schema)
-        return table, lengths, counts
+        return table, lengths, counts, buffer
 
 
 def _obs_table(reader: H5adCounts, columns: list[str]) -> pa.Table:
@@ -174,14 +207,21 @@ def _arrow_column(parts: ColumnParts) -> pa.Array:
     return numeric(parts.values, mask=parts.mask)
 
 
-def _wrap_special(tokens: np.ndarray, lengths: np.ndarray, cls: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
-    """Insert ``<cls>`` before and ``<eos>`` after every row of the flat token array."""
+def _wrap_special(
+    tokens: np.ndarray, lengths: np.ndarray, cls: int, eos: int, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Insert ``<cls>`` before and ``<eos>`` after every row of the flat token array.
+
+    ``out`` may hold ``tokens`` itself, at least ``2 * len(lengths)`` entries in: every row then moves
+    towards the start, never onto tokens not yet moved (so each row's markers are written after it).
+    """
     new_lengths = (lengths + 2).astype(np.int32)
     ends = np.cumsum(new_lengths)
-    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.int32)
-    out[ends - new_lengths], out[ends - 1] = cls, eos
+    size = int(ends[-1]) if ends.size else 0
+    out = np.empty(size, dtype=np.int32) if out is None else out[:size]
     source = 0
     for start, n in zip((ends - new_lengths + 1).tolist(), lengths.tolist(), strict=True):  # one copy per row
         out[start : start + n] = tokens[source : source + n]
+        out[start - 1], out[start + n] = cls, eos
         source += n
     return out, new_lengths

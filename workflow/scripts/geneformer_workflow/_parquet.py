@@ -13,6 +13,7 @@ are not written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,11 +30,18 @@ class ParquetSink:
         self._pending: list[Future] = []
         self._backlog = backlog
 
-    def write(self, table: pa.Table) -> None:
-        """Queue ``table`` as the next row group (blocks while ``backlog`` writes are pending)."""
+    def write(self, table: pa.Table, on_written: Callable[[], None] | None = None) -> None:
+        """Queue ``table`` as the next row group (blocks while ``backlog`` writes are pending).
+
+        ``on_written`` is called once the table has been encoded (or its write failed): its memory may
+        then be reused.
+        """
         while len(self._pending) >= self._backlog:
             self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(self._writer.write_table, table))
+        future = self._pool.submit(self._writer.write_table, table)
+        if on_written is not None:
+            future.add_done_callback(lambda _: on_written())
+        self._pending.append(future)
 
     def close(self) -> None:
         """Finish all writes and the file footer; the first failed write's error is raised."""

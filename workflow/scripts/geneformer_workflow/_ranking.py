@@ -45,6 +45,7 @@ def rank_rows(
     column_inv_median: np.ndarray,
     column_token: np.ndarray,
     max_genes: int,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of every row, highest value first, at most ``max_genes`` per row.
 
@@ -59,13 +60,16 @@ def rank_rows(
         column_inv_median: ``1 / median`` of each column (float64, positive or 0).
         column_token: token id of each column (int32).
         max_genes: tokens kept per row.
+        out: an int32 array for the tokens (its start is used; a new one when ``None`` or too small).
 
     Returns:
         ``(tokens, lengths)``: the concatenated token ids (int32) and the number of tokens of each row.
     """
     per_row = np.diff(indptr)
     lengths = np.minimum(per_row, max_genes).astype(np.int32)
-    tokens = np.empty(int(lengths.sum()), dtype=np.int32)
+    n_tokens = int(lengths.sum())
+    usable = out is not None and out.dtype == np.int32 and out.size >= n_tokens
+    tokens = out[:n_tokens] if usable else np.empty(n_tokens, dtype=np.int32)
     bounds = _blocks(indptr)
     done = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))[bounds].tolist()  # tokens before each block
     factored = _scales_in_range(per_row, inv_n_counts, column_inv_median)
