@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ENSEMBL_VERSIONED = re.compile(r"^(ENS[A-Z]*[GT]\d+)\.\d+$")
-_ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
+ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
 
 
 def normalize_gene_ids(ids: np.ndarray, *, strip_version: bool = True) -> np.ndarray:
@@ -73,7 +73,7 @@ def map_gene_ids(ids: np.ndarray, mapping: dict[str, str] | None, *, source: str
     upper = {k.upper(): v for k, v in mapping.items()}
     mapped = np.array([mapping.get(g, upper.get(g.upper(), g)) for g in ids], dtype=object)
     changed = int((mapped != ids).sum())
-    already = sum(bool(_ENSEMBL_GENE.match(str(g))) for g in ids)
+    already = count_ensembl_ids(ids)
     log.info("%s: mapped %d of %d gene ids to Ensembl ids (%d already were)", source, changed, len(ids), already)
     return mapped
 
@@ -98,6 +98,11 @@ def positions(ids: Iterable[str], targets: Iterable[str]) -> np.ndarray:
     where = {t: i for i, t in enumerate(targets)}
     ids = list(ids)
     return np.fromiter((where.get(g, -1) for g in ids), dtype=np.int64, count=len(ids))
+
+
+def count_ensembl_ids(ids: Iterable[object]) -> int:
+    """How many of ``ids`` look like Ensembl gene ids."""
+    return sum(bool(ENSEMBL_GENE.match(str(g))) for g in ids)
 
 
 def collapse_matrix(position: np.ndarray, n_targets: int) -> sp.csr_matrix:

@@ -11,7 +11,6 @@ Two views of a chunk: :class:`CountChunk` (float64 CSR, for QC and medians) and 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,6 +22,7 @@ import numpy as np
 
 from geneformer_workflow._chunk_checks import Buffers, counts_low, is_canonical, read_ahead, to_canonical
 from geneformer_workflow._csc import csc_row_bands
+from geneformer_workflow._genes import count_ensembl_ids
 from geneformer_workflow._h5frame import ColumnParts, column_names, read_column, read_column_parts, read_dataframe
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COUNT_SOURCES_HELP = "'X', 'raw' (raw.X) or 'layers/<name>'"
-ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
 DENSE_BYTES = 64 << 20  # dense rows read at once
 
 
@@ -396,7 +395,7 @@ def _as_str(values: np.ndarray) -> np.ndarray:
 
 def _mostly_gene_ids(ids: np.ndarray) -> bool:
     """Whether more than half of ``ids`` look like Ensembl gene ids."""
-    return sum(bool(ENSEMBL_GENE.match(str(i))) for i in ids.tolist()) > len(ids) / 2
+    return count_ensembl_ids(ids.tolist()) > len(ids) / 2
 
 
 def count_cells(path: str | Path, counts: str = "X") -> int:
