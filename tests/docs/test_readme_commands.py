@@ -50,6 +50,7 @@ ONE_PROCESS = "tests/train/test_checkpoint.py::test_sigterm_saves_a_checkpoint_a
 TORCHRUN = "tests/train/test_sanity_demo.py::test_sanity_tier_lowers_the_validation_loss_on_real_cells"
 EXPORT = "tests/train/test_export.py::test_export_cli_takes_a_step_directory_and_a_vocab_dir"
 EMBED = "tests/model/test_embed.py::test_gfw_embed_equals_mean_pooled_hf_bert_hidden_states"
+HF_DATASET = "tests/tokenize/test_hf_dataset.py::test_split_directory_loads_and_holds_exactly_its_rows"
 GPU = "needs GPUs and hours; the GPU tests (tests/train/test_gpu.py) run the GPU paths"
 CLUSTER = "needs a SLURM cluster; tests/slurm runs the profile on a throw-away one"
 
@@ -80,9 +81,12 @@ COMMANDS: dict[str, Cover] = {
         "parse", (END_TO_END, EXPORT), "needs a trained run directory"
     ),
     # README.md: cell embeddings, report
-    ".venv/bin/gfw embed --model results/export/sanity 'results/tokenized/*/shard-*.parquet' -o cells.h5ad": Cover(
+    ".venv/bin/gfw embed --model results/export/sanity 'results/tokenized/*/dataset.json' -o cells.h5ad": Cover(
         "parse", (EMBED, END_TO_END), "needs an exported model"
     ),
+    # README.md: using the outputs with Geneformer's tools
+    ".venv/bin/gfw hf-dataset results/tokenized/pbmc_5k_protein_v3/dataset.json --split train "
+    "-o results/hf/pbmc_5k_protein_v3.train": Cover("parse", (HF_DATASET,), "needs a tokenized corpus"),
     ".venv/bin/snakemake --report report.html": Cover(None, (REPORT,), "needs a finished run"),
     "snakemake --report report.html": Cover(None, (REPORT,), "needs a finished run"),
     # README.md: SLURM
@@ -97,8 +101,12 @@ COMMANDS: dict[str, Cover] = {
     ".venv/bin/snakemake --unlock": Cover("run"),
     # docs/report.md
     "snakemake --cores 2": Cover("dry-run", (END_TO_END, REPORT), "a real run takes minutes"),
-    "gfw embed --model results/export/10m 'results/tokenized/*/shard-*.parquet' -o cells.h5ad '[--layer' '-1]' "
-    "'[--batch-size' '16]'": Cover("parse", (EMBED,), "needs an exported model"),
+    "gfw embed --model results/export/10m 'results/tokenized/*/dataset.json' -o cells.h5ad "
+    "'[--geneformer-emb-layer' '-1]' '[--batch-size' '16]'": Cover("parse", (EMBED,), "needs an exported model"),
+    # docs/tokenization.md
+    "gfw hf-dataset results/tokenized/my_dataset/dataset.json --split train -o results/hf/my_dataset.train": Cover(
+        "parse", (HF_DATASET,), "needs a tokenized corpus"
+    ),
     # docs/slurm.md
     ".venv/bin/snakemake --profile profiles/slurm --config model=106m": Cover("dry-run", (SLURM_RUN,), CLUSTER),
     ".venv/bin/snakemake --profile profiles/slurm --config model=4b "
@@ -328,8 +336,9 @@ def check_gfw(words: list[str]) -> None:
     """The subcommand's own parser accepts the arguments; ``train`` also composes and validates its config."""
     argv = gfw_arguments(words)
     try:
-        if argv[0] in ("train", "export", "embed"):
-            parsed = importlib.import_module(f"geneformer_workflow.{argv[0]}").build_parser().parse_args(argv[1:])
+        if argv[0] in ("train", "export", "embed", "hf-dataset"):
+            module = importlib.import_module(f"geneformer_workflow.{argv[0].replace('-', '_')}")
+            parsed = module.build_parser().parse_args(argv[1:])
         else:
             parsed = importlib.import_module("geneformer_workflow.cli").build_parser().parse_args(argv)
     except SystemExit as err:

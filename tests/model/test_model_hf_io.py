@@ -151,13 +151,24 @@ def test_export_copies_every_regular_file_of_vocab_dir(random_model, tmp_path):
     assert all((out / name).read_text() == text for name, text in files.items())
 
 
-def test_export_replaces_an_existing_directory_and_leaves_no_temporary_dirs(random_model, tmp_path):
+def test_export_replaces_an_earlier_export_and_leaves_no_temporary_dirs(random_model, tmp_path):
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    save_hf_directory(random_model, out)
+    first = (out / "model.safetensors").stat().st_ino
     save_hf_directory(random_model, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert (out / "model.safetensors").stat().st_ino != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_never_replaces_a_directory_holding_other_files(random_model, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files this command does not write \(notes.txt\)"):
+        save_hf_directory(random_model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
 def test_interrupted_export_leaves_no_directory(random_model, tmp_path, monkeypatch):

@@ -99,3 +99,26 @@ def test_full_disk_fails_clearly_without_output_and_rerun_is_byte_identical(inpu
     assert not list(tmp_path.glob(".*.tmp"))
     subprocess.run(command(inputs, out), check=True, capture_output=True, timeout=300)
     assert outputs(out) == clean_run
+
+
+def test_a_disk_that_fills_up_is_named_and_leaves_no_output(inputs, tmp_path):
+    """The corpus shard fills a small disk: the message says so (not numpy's bare "N requested and M written")."""
+    from ..train.conftest import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "disk", "1m") as disk:
+        out = disk / "corpus.parquet"
+        result = subprocess.run(command(inputs, out), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("gfw tokenize: error:") and "full" in line, line
+        assert list(disk.iterdir()) == []  # no output, no temporary
+
+
+def test_a_short_write_without_errno_is_named_a_full_disk(tmp_path):
+    from geneformer_workflow._atomic import describe_os_error
+
+    message = describe_os_error(OSError("50000 requested and 16352 written"), tmp_path / "x.npy")
+    assert "disk is probably full" in message and "50000 requested" in message
+    assert describe_os_error(FileNotFoundError(2, "No such file or directory"), tmp_path) == (
+        "[Errno 2] No such file or directory"
+    )

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from anndata import OldFormatWarning
 from anndata.io import read_elem
 from geneformer_workflow._h5frame import column_names, read_column, read_column_parts, read_dataframe
 
@@ -83,3 +84,28 @@ def test_an_unknown_encoding_falls_back_to_anndata(h5ad):
         f["obs/donor"].attrs["encoding-version"] = "9.9.9"  # not one we read ourselves
     with h5py.File(h5ad) as f, pytest.raises(Exception, match=r"9\.9\.9"):
         read_dataframe(f["obs"])  # anndata's own error, not a silently wrong frame
+
+
+def test_a_legacy_compound_frame_reads_as_anndata_reads_it(tmp_path):
+    """anndata < 0.7: one compound dataset; uns categories apply where every code is valid (anndata's rule)."""
+    records = np.array(
+        [(b"c0", 0, 2, 1.5), (b"c1", 1, 0, 2.5), (b"c2", 1, 1, 0.5)],
+        dtype=[("index", "S2"), ("kind", "i1"), ("batch", "i8"), ("score", "f4")],
+    )
+    path = tmp_path / "legacy.h5ad"
+    with h5py.File(path, "w") as f:
+        f["X"] = np.ones((3, 2), np.float32)
+        f["obs"] = records
+        f["var"] = np.array([(b"g0",), (b"g1",)], dtype=[("index", "S2")])
+        f.create_dataset("uns/kind_categories", data=np.array(["B", "T"], dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("uns/batch_categories", data=np.array(["x", "y"], dtype=object), dtype=h5py.string_dtype())
+    with pytest.warns(OldFormatWarning):
+        expected = ad.read_h5ad(path).obs
+    with h5py.File(path) as f:
+        assert column_names(f["obs"]) == ["kind", "batch", "score"]
+        assert read_column(f["obs"], None).tolist() == ["c0", "c1", "c2"]
+        assert read_column(f["obs"], "kind").tolist() == ["B", "T", "T"]
+        assert read_column(f["obs"], "batch").tolist() == [2, 0, 1]  # code 2 has no category: not categorical
+        pd.testing.assert_frame_equal(read_dataframe(f["obs"]), expected, check_index_type=False)
+        with pytest.raises(KeyError):
+            read_column(f["obs"], "absent")

@@ -207,11 +207,15 @@ def test_row_range_shards_concatenate_to_the_whole_file(tmp_path):
         tokenize_h5ad(h5ad, tmp_path / "bad.parquet", rows=(200, 300), **kwargs)
 
 
-def test_token_lists_are_byte_stream_split_and_zstd(tmp_path):
-    """The token column's encoding (a silently ignored option would double the encoding cost)."""
+@pytest.mark.parametrize(
+    ("encoding", "expected", "compression"),
+    [("dictionary", "RLE_DICTIONARY", "UNCOMPRESSED"), ("byte_stream_split", "BYTE_STREAM_SPLIT", "ZSTD")],
+)
+def test_token_lists_are_written_with_the_chosen_encoding(tmp_path, encoding, expected, compression):
+    """The token column's encoding (a silently ignored option would change the cost or the readers)."""
     h5ad = write_counts_h5ad(tmp_path / "in.h5ad", COUNTS, GENES)
-    _tokenize(tmp_path, h5ad)
+    _tokenize(tmp_path, h5ad, parquet_encoding=encoding)
     column = pq.ParquetFile(tmp_path / "corpus.parquet").metadata.row_group(0).column(0)
     assert column.path_in_schema == "input_ids.list.element"
-    assert "BYTE_STREAM_SPLIT" in column.encodings
-    assert (column.compression, column.statistics) == ("ZSTD", None)
+    assert expected in column.encodings
+    assert (column.compression, column.statistics) == (compression, None)

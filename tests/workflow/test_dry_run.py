@@ -52,11 +52,34 @@ def test_dry_run_through_the_slurm_profile_needs_no_slurm():
         ({"tokenize": {"preset": "v3"}}, "v3"),
         ({"typo_key": 1}, "typo_key"),
         ({"inputs": ["missing/*.h5ad"]}, "matches no file"),
+        ({"vocabulary": {"gene_medians": "nope/x.tsv"}}, "config 'vocabulary.gene_medians': nope/x.tsv does not"),
+        ({"vocabulary": {"token_dictionary": "nope.pkl"}}, "config 'vocabulary.token_dictionary': nope.pkl does not"),
+        ({"gene_mapping": "nope.tsv"}, "config 'gene_mapping': nope.tsv does not exist"),
+        ({"tokenize": {"obs_columns": ["split"]}}, "['split'] are the corpus's own column names"),
+        ({"tokenize": {"obs_columns": ["a", "a"]}}, "lists a column twice"),
     ],
-    ids=["unknown-model", "bad-preset", "unknown-key", "no-input"],
+    ids=[
+        "unknown-model",
+        "bad-preset",
+        "unknown-key",
+        "no-input",
+        "missing-medians",
+        "missing-dictionary",
+        "missing-mapping",
+        "obs-column-clash",
+        "obs-column-twice",
+    ],
 )
 def test_bad_config_is_rejected_before_any_job(tmp_path, overrides, message):
     write_config(tmp_path, **overrides)
     result = run_snakemake(tmp_path, "-n")
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def test_the_summary_rule_names_the_current_summary_format():
+    """A new summary format must rerun old summaries: the rule's params carry medians.FORMAT_VERSION."""
+    from geneformer_workflow.medians import FORMAT_VERSION
+
+    rules = (REPO / "workflow" / "rules" / "reference.smk").read_text()
+    assert f"summary_format={FORMAT_VERSION}," in rules

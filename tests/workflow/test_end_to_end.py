@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
+import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from .helpers import run_snakemake, write_config
+from .helpers import REPO, run_snakemake, snakemake_env, workflow_command, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +68,26 @@ def test_rerun_has_nothing_to_do(demo_run):
     result = run_snakemake(demo_run, "-n", "--cores", "2")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_dataset_index_lists_the_shards_and_their_lengths_in_order(demo_run):
+    directory = demo_run / "results/tokenized/pbmc_5k_protein_v3"
+    index = json.loads((directory / "dataset.json").read_text())
+    assert index["shards"] == ["shard-0000.parquet", "shard-0001.parquet"]
+    lengths = np.concatenate([np.load(directory / f"shard-000{i}.lengths.npy") for i in range(2)])
+    assert np.array_equal(np.load(directory / "dataset.lengths.npy"), lengths)
+    assert pickle.loads((directory / "dataset.lengths.pkl").read_bytes()) == lengths.tolist()
+
+
+def test_a_moved_copy_of_the_project_has_nothing_to_do(demo_run, tmp_path):
+    """Rule params hold no machine paths (package directory, interpreter): a copied project does not rerun jobs."""
+    repo = tmp_path / "moved repo"
+    for part in ("workflow", "config"):
+        shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
+    workdir = tmp_path / "moved work"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    command = workflow_command(workdir, "-n", "--cores", "2")
+    command[command.index("--snakefile") + 1] = str(repo / "workflow" / "Snakefile")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=snakemake_env(), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Nothing to be done" in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]

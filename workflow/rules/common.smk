@@ -1,6 +1,7 @@
 import glob
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,13 +13,35 @@ min_version("9.0")
 
 validate(config, "../schemas/config.schema.yaml")
 
+class MachineLocal:
+    """A rule param that names this machine's copy of the project (interpreter, package directory).
+
+    Snakemake records params of builtin types and reruns a job when one changes; values of other types are not
+    recorded. Wrapping these keeps a moved or copied project (or another virtualenv) from rerunning every job,
+    pretraining included; the shell command sees the text (str), quoted where it is a single path.
+    """
+
+    def __init__(self, text):
+        self.text = str(text)
+
+    def __str__(self):
+        return self.text
+
+    def __format__(self, spec):
+        return format(self.text, spec)
+
+
 # The package lives beside the rules; rules call it with this PYTHONPATH so that they also work with
 # --use-conda, inside SLURM jobs and when the rules are imported into another workflow as a module.
 SCRIPTS_DIR = Path(workflow.current_basedir).parent / "scripts"
 TRAIN_CONFIG_DIR = Path(workflow.current_basedir).parent.parent / "config" / "train"
 # Without --use-conda, jobs use the Python that runs Snakemake (e.g. the project's virtualenv).
-PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
-GFW = f"PYTHONPATH={SCRIPTS_DIR}${{PYTHONPATH:+:$PYTHONPATH}} {PYTHON} -m geneformer_workflow"
+PYTHON = MachineLocal(
+    "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else shlex.quote(sys.executable)
+)
+GFW = MachineLocal(
+    f"PYTHONPATH={shlex.quote(str(SCRIPTS_DIR))}${{PYTHONPATH:+:$PYTHONPATH}} {PYTHON} -m geneformer_workflow"
+)
 
 
 def find_inputs(patterns):
@@ -47,7 +70,31 @@ def check_model_config(name):
     return name
 
 
+def check_config_paths():
+    """Every file the config names must exist before any job runs (a misspelt path is never skipped silently)."""
+    paths = {
+        "vocabulary.token_dictionary": config["vocabulary"].get("token_dictionary"),
+        "vocabulary.gene_medians": config["vocabulary"].get("gene_medians"),
+    }
+    if config.get("gene_mapping") and config["gene_mapping"] != "GRCh38":
+        paths["gene_mapping"] = config["gene_mapping"]
+    for key, path in paths.items():
+        if path and not Path(path).exists():
+            raise ValueError(f"config '{key}': {path} does not exist (relative paths start at {Path.cwd()})")
+    reserved = ("input_ids", "length", "cell_id", "split")
+    columns = list(config["tokenize"]["obs_columns"])
+    clashes = sorted(set(columns) & set(reserved))
+    if clashes:
+        raise ValueError(
+            f"config 'tokenize.obs_columns': {clashes} are the corpus's own column names {list(reserved)}; "
+            "rename those obs columns in the input files or leave them out"
+        )
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"config 'tokenize.obs_columns': {columns} lists a column twice")
+
+
 DATASETS = find_inputs(config["inputs"])
+check_config_paths()
 MODEL = check_model_config(str(config["model"]))
 EXPORT_DIR = f"results/export/{MODEL}"
 
@@ -92,6 +139,11 @@ def get_shard_rows(wildcards):
     return "" if stop is None else f"--rows {start}:{stop}"
 
 
+def get_dataset_shards(wildcards):
+    """The corpus shards of one dataset, in row order."""
+    return [f"results/tokenized/{wildcards.dataset}/shard-{i:04d}.parquet" for i in range(len(SHARDS[wildcards.dataset]))]
+
+
 def get_corpus_shards(wildcards=None):
     """Every corpus shard of every dataset."""
     return [
@@ -101,15 +153,20 @@ def get_corpus_shards(wildcards=None):
     ]
 
 
+def get_corpus_indexes(wildcards=None):
+    """The dataset index (dataset.json) of every dataset: the exact shards of the corpus."""
+    return [f"results/tokenized/{name}/dataset.json" for name in DATASETS]
+
+
 def input_options():
-    """gfw options that say where counts and gene ids are in the input files."""
-    options = [f"--counts {config['counts']}"]
+    """gfw options that say where counts and gene ids are in the input files (shell-quoted)."""
+    options = ["--counts", config["counts"]]
     if config.get("gene_id_key"):
-        options.append(f"--gene-id-key {config['gene_id_key']}")
+        options += ["--gene-id-key", config["gene_id_key"]]
     if config.get("gene_mapping"):
-        options.append(f"--gene-mapping {config['gene_mapping']}")
-    options.append(f"--chunk-size {config['tokenize']['chunk_size']}")
-    return " ".join(options)
+        options += ["--gene-mapping", config["gene_mapping"]]
+    options += ["--chunk-size", config["tokenize"]["chunk_size"]]
+    return shlex.join(map(str, options))
 
 
 def qc_options():
@@ -131,12 +188,36 @@ def get_gene_medians():
     return config["vocabulary"].get("gene_medians") or "results/reference/gene_medians.tsv"
 
 
+def obs_columns_option():
+    columns = config["tokenize"]["obs_columns"]
+    return shlex.join(["--obs-columns", ",".join(columns)]) if columns else ""
+
+
 def existing_dictionary_option():
     path = config["vocabulary"].get("token_dictionary")
-    return f"--token-dictionary {path}" if path else ""
+    return shlex.join(["--token-dictionary", path]) if path else ""
 
 
 PRESET_MAX_LENGTH = {"v1": 2048, "v2": 4096}[config["tokenize"]["preset"]]
+
+
+def hydra_quote(value):
+    """A Hydra override value as a quoted string, so paths with spaces, commas or '=' stay one value."""
+    text = str(value)
+    if "'" in text or "\\" in text:
+        raise ValueError(f"the path {text!r} contains a quote or backslash, which cannot be passed to the trainer")
+    return f"'{text}'"
+
+
+def pretrain_overrides(corpus, vocab_dir, run_dir):
+    """The Hydra overrides of the pretraining job (the report shows the config they compose to)."""
+    return [
+        f"data.corpus=[{','.join(map(hydra_quote, corpus))}]",
+        f"data.vocab_dir={hydra_quote(vocab_dir)}",
+        f"data.max_length={PRESET_MAX_LENGTH}",
+        f"run_dir={hydra_quote(run_dir)}",
+        *config["pretrain"]["overrides"],
+    ]
 
 
 # ---- the pretraining job (docs/slurm.md) ----------------------------------------------------------

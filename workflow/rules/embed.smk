@@ -2,7 +2,7 @@ rule embed_cells:
     """Per-cell embeddings of every corpus cell from the exported model (mean over gene tokens; <cls> for v2)."""
     input:
         model_dir=rules.export_model.output.model_dir,
-        corpus=get_corpus_shards(),
+        corpus=get_corpus_indexes(),
     output:
         h5ad="results/embed/{model}/cells.h5ad",
     log:
@@ -11,7 +11,12 @@ rule embed_cells:
         "logs/benchmarks/embed_cells/{model}.tsv"
     params:
         gfw=GFW,
-        layer=lookup(dpath="embed/layer", within=config),
+        # embed.hidden_state (transformers' numbering) when set, else Geneformer EmbExtractor's emb_layer
+        layer=(
+            f"--hidden-state {config['embed']['hidden_state']}"
+            if config["embed"]["hidden_state"] is not None
+            else f"--geneformer-emb-layer {config['embed']['geneformer_emb_layer']}"
+        ),
         batch_size=lookup(dpath="embed/batch_size", within=config),
     threads: 2
     resources:
@@ -20,8 +25,8 @@ rule embed_cells:
     conda:
         "../../envs/embed.yaml"
     shell:
-        "{params.gfw} embed --model {input.model_dir} {input.corpus} -o {output.h5ad} "
-        "--layer {params.layer} --batch-size {params.batch_size} > {log} 2>&1"
+        "{params.gfw} embed --model {input.model_dir:q} {input.corpus:q} -o {output.h5ad} "
+        "{params.layer} --batch-size {params.batch_size} > {log:q} 2>&1"
 
 
 rule plot_cell_embeddings:
@@ -47,4 +52,4 @@ rule plot_cell_embeddings:
     conda:
         "../../envs/report.yaml"
     shell:
-        "{params.gfw} plot umap {input.h5ad} -o {output.umap} --qc {input.qc} > {log} 2>&1"
+        "{params.gfw} plot umap {input.h5ad:q} -o {output.umap:q} --qc {input.qc:q} > {log:q} 2>&1"

@@ -8,7 +8,7 @@ rule pretrain_model:
     machine it runs torchrun --standalone (docs/slurm.md).
     """
     input:
-        corpus=get_corpus_shards(),
+        corpus=get_corpus_indexes(),
         vocab=rules.build_vocabulary.output.vocab,
     output:
         final="results/pretrain/{model}/final.json",
@@ -22,11 +22,10 @@ rule pretrain_model:
         launch=get_pretrain_launch,
         node_launcher=SCRIPTS_DIR / "torchrun_node.sh",
         nproc=PRETRAIN_JOB["nproc_per_node"],
-        run_dir=subpath(output.final, parent=True),
         config_dir=TRAIN_CONFIG_DIR,
-        corpus=lambda wildcards, input: ",".join(input.corpus),
-        overrides=" ".join(f"'{o}'" for o in config["pretrain"]["overrides"]),
-        max_length=PRESET_MAX_LENGTH,
+        overrides=lambda wildcards, input, output: shlex.join(
+            pretrain_overrides(input.corpus, input.vocab, subpath(output.final, parent=True))
+        ),
     threads: PRETRAIN_JOB["cpus_per_node"]
     resources:
         # Per node: SLURM's --mem is per node, and every node runs the same share of the work.
@@ -42,15 +41,14 @@ rule pretrain_model:
     conda:
         "../../envs/pretrain.yaml"
     shell:
-        "PYTHONPATH={params.scripts}${{PYTHONPATH:+:$PYTHONPATH}} OMP_NUM_THREADS=1 "
-        "{params.launch} bash {params.node_launcher} {resources.nodes} {params.nproc} {params.python} "
-        "-m geneformer_workflow train --config-dir {params.config_dir} --config-name {wildcards.model} "
-        "'data.corpus=[{params.corpus}]' data.vocab_dir={input.vocab} data.max_length={params.max_length} "
-        "run_dir={params.run_dir} {params.overrides} > {log} 2>&1\n"
+        "PYTHONPATH={params.scripts:q}${{PYTHONPATH:+:$PYTHONPATH}} OMP_NUM_THREADS=1 "
+        "{params.launch} bash {params.node_launcher:q} {resources.nodes} {params.nproc} {params.python} "
+        "-m geneformer_workflow train --config-dir {params.config_dir:q} --config-name {wildcards.model} "
+        "{params.overrides} > {log:q} 2>&1\n"
         # A stop signal (time limit, preemption) ends training with a checkpoint and exit code 0 but no
         # final.json: fail the job with a clear message, so that a retry (or rerun) resumes.
-        "test -s {output.final} || {{ echo 'pretrain_model: stopped before training.max_steps (stop signal);"
-        " a checkpoint was saved and the next attempt resumes from it' | tee -a {log} >&2; exit 1; }}"
+        "test -s {output.final:q} || {{ echo 'pretrain_model: stopped before training.max_steps (stop signal);"
+        " a checkpoint was saved and the next attempt resumes from it' | tee -a {log:q} >&2; exit 1; }}"
 
 
 rule export_model:
@@ -72,4 +70,4 @@ rule export_model:
     conda:
         "../../envs/pretrain.yaml"
     shell:
-        "{params.gfw} export {params.run_dir} {output.model_dir} --vocab-dir {input.vocab} > {log} 2>&1"
+        "{params.gfw} export {params.run_dir:q} {output.model_dir:q} --vocab-dir {input.vocab:q} > {log:q} 2>&1"

@@ -24,5 +24,5 @@ rule qc_dataset:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{params.gfw} qc {input.h5ad} -o {output.cells} --summary {output.summary} --plot {output.plot} "
-        "{params.options} {params.thresholds} > {log} 2>&1"
+        "{params.gfw} qc {input.h5ad:q} -o {output.cells:q} --summary {output.summary:q} --plot {output.plot:q} "
+        "{params.options} {params.thresholds} > {log:q} 2>&1"

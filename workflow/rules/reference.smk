@@ -9,6 +9,8 @@ rule summarize_expression:
         "logs/summarize_expression/{dataset}.log",
     params:
         gfw=GFW,
+        # = medians.FORMAT_VERSION: a new summary format is a params change, so Snakemake remakes old summaries.
+        summary_format=2,
         options=input_options(),
     threads: 1
     resources:
@@ -17,7 +19,7 @@ rule summarize_expression:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{params.gfw} summarize {input.h5ad} -o {output.summary} --cell-filter {input.cells} {params.options} > {log} 2>&1"
+        "{params.gfw} summarize {input.h5ad:q} -o {output.summary:q} --cell-filter {input.cells:q} {params.options} > {log:q} 2>&1"
 
 
 rule compute_gene_medians:
@@ -37,7 +39,7 @@ rule compute_gene_medians:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{params.gfw} medians {input.summaries} -o {output.medians} > {log} 2>&1"
+        "{params.gfw} medians {input.summaries:q} -o {output.medians:q} > {log:q} 2>&1"
 
 
 rule build_vocabulary:
@@ -59,4 +61,4 @@ rule build_vocabulary:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{params.gfw} vocab {input.medians} -o {output.vocab} --preset {params.preset} {params.existing} > {log} 2>&1"
+        "{params.gfw} vocab {input.medians:q} -o {output.vocab:q} --preset {params.preset} {params.existing} > {log:q} 2>&1"

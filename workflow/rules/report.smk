@@ -5,15 +5,9 @@ import json
 
 # The manifest beside every corpus shard (cells, genes mapped, tokens, vocabulary).
 CORPUS_MANIFESTS = [path.removesuffix(".parquet") + ".manifest.json" for path in get_corpus_shards()]
-# The Hydra overrides of the pretraining job (as pretrain.smk passes them), to show its composed config.
+# The Hydra overrides of the pretraining job (the same function builds them), to show its composed config.
 TRAINING_OVERRIDES = json.dumps(
-    [
-        f"data.corpus=[{','.join(get_corpus_shards())}]",
-        "data.vocab_dir=results/reference/vocab",
-        f"data.max_length={PRESET_MAX_LENGTH}",
-        f"run_dir=results/pretrain/{MODEL}",
-        *config["pretrain"]["overrides"],
-    ]
+    pretrain_overrides(get_corpus_indexes(), "results/reference/vocab", f"results/pretrain/{MODEL}")
 )
 
 
@@ -40,8 +34,8 @@ rule summarize_corpus:
     conda:
         "../../envs/report.yaml"
     shell:
-        "{params.gfw} plot corpus-summary --qc-summary {input.qc} --manifest {input.manifests} -o {output.html} "
-        "> {log} 2>&1"
+        "{params.gfw} plot corpus-summary --qc-summary {input.qc:q} --manifest {input.manifests:q} -o {output.html:q} "
+        "> {log:q} 2>&1"
 
 
 rule plot_cell_lengths:
@@ -67,7 +61,7 @@ rule plot_cell_lengths:
     conda:
         "../../envs/report.yaml"
     shell:
-        "{params.gfw} plot cell-lengths {input.corpus} -o {output.plot} > {log} 2>&1"
+        "{params.gfw} plot cell-lengths {input.corpus:q} -o {output.plot:q} > {log:q} 2>&1"
 
 
 rule plot_training_curves:
@@ -99,8 +93,8 @@ rule plot_training_curves:
     conda:
         "../../envs/report.yaml"
     shell:
-        "{params.gfw} plot training {params.run_dir} --loss {output.loss} --throughput {output.throughput} "
-        "> {log} 2>&1"
+        "{params.gfw} plot training {params.run_dir} --loss {output.loss:q} --throughput {output.throughput:q} "
+        "> {log:q} 2>&1"
 
 
 rule write_run_configuration:
@@ -130,6 +124,6 @@ rule write_run_configuration:
     conda:
         "../../envs/report.yaml"
     shell:
-        "{params.gfw} plot configuration -o {output.html} --model-dir {input.model_dir} --run-dir {params.run_dir} "
+        "{params.gfw} plot configuration -o {output.html:q} --model-dir {input.model_dir:q} --run-dir {params.run_dir} "
         "--train-config-dir {params.config_dir} --model {wildcards.model} "
-        "--workflow-config {params.workflow_config:q} --train-overrides {params.overrides:q} > {log} 2>&1"
+        "--workflow-config {params.workflow_config:q} --train-overrides {params.overrides:q} > {log:q} 2>&1"

@@ -18,9 +18,10 @@ rule tokenize_dataset:
         gfw=GFW,
         options=input_options(),
         preset=lookup(dpath="tokenize/preset", within=config),
-        obs_columns=",".join(config["tokenize"]["obs_columns"]),
+        obs_columns=obs_columns_option(),
         validation_fraction=lookup(dpath="tokenize/validation_fraction", within=config),
         rows=get_shard_rows,
+        encoding=lookup(dpath="tokenize/parquet_encoding", within=config),
     threads: 1
     resources:
         mem_mb=4000,
@@ -28,7 +29,33 @@ rule tokenize_dataset:
     conda:
         "../../envs/tokenize.yaml"
     shell:
-        "{params.gfw} tokenize {input.h5ad} {output.parquet} --token-dictionary {input.vocab} "
-        "--gene-medians {input.medians} --preset {params.preset} --cell-filter {input.cells} "
-        "--obs-columns '{params.obs_columns}' --validation-fraction {params.validation_fraction} "
-        "{params.rows} --threads {threads} {params.options} > {log} 2>&1"
+        "{params.gfw} tokenize {input.h5ad:q} {output.parquet:q} --token-dictionary {input.vocab:q} "
+        "--gene-medians {input.medians:q} --preset {params.preset} --cell-filter {input.cells:q} "
+        "{params.obs_columns} --validation-fraction {params.validation_fraction} "
+        "{params.rows} --threads {threads} --parquet-encoding {params.encoding} {params.options} > {log:q} 2>&1"
+
+
+rule index_dataset:
+    """The dataset's corpus: its shards in order (dataset.json) and every cell's length in shard order.
+
+    Consumers read exactly these shards: a shard left by an earlier run with another tokenize.shard_cells is
+    named in the log and never read.
+    """
+    input:
+        shards=get_dataset_shards,
+    output:
+        index="results/tokenized/{dataset}/dataset.json",
+        lengths="results/tokenized/{dataset}/dataset.lengths.npy",
+        lengths_pkl="results/tokenized/{dataset}/dataset.lengths.pkl",
+    log:
+        "logs/index_dataset/{dataset}.log",
+    params:
+        gfw=GFW,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/tokenize.yaml"
+    shell:
+        "{params.gfw} index {input.shards:q} -o {output.index:q} > {log:q} 2>&1"

@@ -13,6 +13,20 @@ T = TypeVar("T")
 _DONE = object()
 
 
+class MatrixDefect(ValueError):
+    """A broken count matrix structure, found while reading; the reader adds the file and matrix names."""
+
+
+def readable_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a matrix's stored values are read as: native byte order, float16 as float32.
+
+    scipy refuses float16, and every float16 value converts exactly.
+    """
+    if dtype.kind == "f" and dtype.itemsize < 4:
+        return np.dtype(np.float32)
+    return dtype.newbyteorder("=")
+
+
 def read_ahead(items: Iterator[T]) -> Iterator[T]:
     """``items``, each produced on a background thread while the caller works on the one before."""
     with ThreadPoolExecutor(1, "read-ahead") as pool:

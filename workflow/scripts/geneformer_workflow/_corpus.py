@@ -19,17 +19,18 @@ import numpy as np
 import pyarrow as pa
 
 from geneformer_workflow._arrow import numeric, strings
-from geneformer_workflow._atomic import atomic_path
 from geneformer_workflow._gene_ranker import GeneRanker
 from geneformer_workflow._h5frame import ColumnParts
 from geneformer_workflow._io import H5adCounts, InputError, RawChunk
-from geneformer_workflow._parquet import ParquetSink
+from geneformer_workflow._parquet import DEFAULT_ENCODING, ParquetSink
 from geneformer_workflow.presets import CLS, EOS, Preset
 from geneformer_workflow.progress import Progress
 
 log = logging.getLogger(__name__)
 
 _SPLITS = strings(["train", "validation"])
+CORPUS_COLUMNS = ("input_ids", "length", "cell_id", "split")  # obs columns kept beside them need other names
+WRITE_ID_KEY = b"geneformer_workflow.write_id"  # parquet key-value metadata; the manifest holds the same id
 
 
 class TokenBuffers:
@@ -95,9 +96,11 @@ class CorpusWriter:
         obs_columns: list[str],
         *,
         threads: int = 0,
+        encoding: str = DEFAULT_ENCODING,
     ) -> None:
         self.reader, self.ranker, self.keep, self.preset, self.tokens = reader, ranker, keep, preset, tokens
         self.threads = max(0, threads)  # 0: rank in the calling thread
+        self.encoding = encoding  # of the token lists, see _parquet.encoding_options
         self.obs_table = _obs_table(reader, obs_columns)
         self.cell_ids = reader.cell_ids
         self.cell_id_array = strings(self.cell_ids)
@@ -106,9 +109,13 @@ class CorpusWriter:
         self.schema = pa.schema([*fixed, ("split", pa.string()), *self.obs_table.schema])
 
     def write(
-        self, target: Path, validation_fraction: float, chunk_size: int, *, rows: tuple[int, int]
+        self, target: Path, validation_fraction: float, chunk_size: int, *, rows: tuple[int, int], write_id: str
     ) -> tuple[np.ndarray, ChunkCounts]:
-        """Write the corpus of ``rows`` to ``target`` atomically; return the written cells' lengths and counts."""
+        """Write the corpus of ``rows`` to ``target``; return the written cells' lengths and counts.
+
+        ``target`` is a temporary path (the caller renames it with its side files); ``write_id`` goes into the
+        file's metadata, so a manifest can be checked to describe this very file.
+        """
         start, stop = rows
         progress = Progress(f"tokenize {self.reader.path.name}[{start}:{stop}]", stop - start, unit="cells")
         lengths: list[np.ndarray] = []
@@ -126,25 +133,28 @@ class CorpusWriter:
                 self.buffers.give(buffer)
             progress.update(n_rows)
 
-        with atomic_path(target) as tmp:
-            with ParquetSink(tmp, self.schema) as sink, ThreadPoolExecutor(max(1, self.threads), "tokenize") as pool:
-                # the chunks held at once: `threads` being ranked, one waiting (the reader adds its own)
-                chunks = self.reader.iter_raw_chunks(chunk_size, start=start, stop=stop, buffers=self.threads + 1)
-                for chunk in chunks:
-                    if self.threads:
-                        future = pool.submit(self._chunk, chunk, validation_fraction)
-                    else:
-                        future = Future()
-                        future.set_result(self._chunk(chunk, validation_fraction))
-                    pending.append((future, chunk.stop - chunk.start))
-                    if len(pending) > self.threads:
-                        finish(sink)
-                while pending:
+        schema = self.schema.with_metadata({WRITE_ID_KEY: write_id.encode()})
+        with (
+            ParquetSink(target, schema, encoding=self.encoding) as sink,
+            ThreadPoolExecutor(max(1, self.threads), "tokenize") as pool,
+        ):
+            # the chunks held at once: `threads` being ranked, one waiting (the reader adds its own)
+            chunks = self.reader.iter_raw_chunks(chunk_size, start=start, stop=stop, buffers=self.threads + 1)
+            for chunk in chunks:
+                if self.threads:
+                    future = pool.submit(self._chunk, chunk, validation_fraction)
+                else:
+                    future = Future()
+                    future.set_result(self._chunk(chunk, validation_fraction))
+                pending.append((future, chunk.stop - chunk.start))
+                if len(pending) > self.threads:
                     finish(sink)
-            progress.close()
-            if not lengths and (start, stop) == (0, self.reader.n_obs):
-                msg = f"{self.reader.path}: no cell has any vocabulary gene with a nonzero count; nothing to tokenize"
-                raise InputError(msg)
+            while pending:
+                finish(sink)
+        progress.close()
+        if not lengths and (start, stop) == (0, self.reader.n_obs):
+            msg = f"{self.reader.path}: no cell has any vocabulary gene with a nonzero count; nothing to tokenize"
+            raise InputError(msg)
         return (np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)), counts
 
     def _chunk(

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
+from geneformer_workflow._chunk_checks import MatrixDefect, readable_dtype
+
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
@@ -29,6 +31,9 @@ def csc_row_bands(
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
     """Yield ``(first_row, band)``: rows ``start:stop`` as CSR bands of whole ``chunk_size``-row chunks."""
     column_ptr = node["indptr"][:].astype(np.int64)  # n_vars + 1 values: small
+    if (column_ptr[1:] < column_ptr[:-1]).any():  # its first and last values were checked when the file was opened
+        msg = f"indptr decreases at column {int(np.flatnonzero(column_ptr[1:] < column_ptr[:-1])[0])}"
+        raise MatrixDefect(msg)
     per_row = max(int(column_ptr[-1]) / max(shape[0], 1), 1.0)
     band_entries = BAND_BYTES / (node["data"].dtype.itemsize + node["indices"].dtype.itemsize)
     band_rows = max(1, int(band_entries / per_row) // chunk_size) * chunk_size
@@ -53,12 +58,12 @@ def _band(
         lo, hi = int(column_ptr[c0]), int(column_ptr[c1])
         block_rows = node["indices"][lo:hi]
         if check and block_rows.size and (block_rows.min() < 0 or block_rows.max() >= n_rows):
-            msg = f"{node.name} has row indices outside its {n_rows} cells (columns {c0}:{c1})"
-            raise ValueError(msg)
+            msg = f"row indices outside its {n_rows} cells (columns {c0}:{c1})"
+            raise MatrixDefect(msg)
         block_rows -= first  # rows of the band become 0..last-first-1, the others wrap around as unsigned
         kept = np.flatnonzero(block_rows.view(np.uint32 if block_rows.itemsize == 4 else np.uint64) < last - first)
         rows.append(block_rows[kept])
-        data.append(node["data"][lo:hi][kept])
+        data.append(node["data"][lo:hi][kept].astype(readable_dtype(node["data"].dtype), copy=False))
         per_column[c0:c1] = np.diff(np.searchsorted(kept, column_ptr[c0 : c1 + 1] - lo))
     indptr = np.concatenate(([0], np.cumsum(per_column)))
     rows, data = np.concatenate(rows), np.concatenate(data)  # the parts are freed here

@@ -29,17 +29,29 @@ _ENSEMBL_VERSIONED = re.compile(r"^(ENS[A-Z]*[GT]\d+)\.\d+$")
 ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
 
 
-def normalize_gene_ids(ids: np.ndarray, *, strip_version: bool = True) -> np.ndarray:
+def normalize_gene_ids(ids: np.ndarray, *, strip_version: bool = True, source: str | Path = "") -> np.ndarray:
     """Strip whitespace and (by default) the ``.N`` version suffix of Ensembl ids.
 
-    Upstream Geneformer silently drops versioned ids; we keep them by removing the suffix.
+    Upstream Geneformer silently drops versioned ids; we keep them by removing the suffix, and say how
+    many were versioned in the log (``source``, e.g. the file, starts the message).
 
     >>> normalize_gene_ids(np.array(["ENSG00000000003.15", " ENSG00000000005"], dtype=object)).tolist()
     ['ENSG00000000003', 'ENSG00000000005']
     """
     cleaned = [str(g).strip() for g in ids]
     if strip_version:
-        cleaned = [_ENSEMBL_VERSIONED.sub(r"\1", g) if "." in g else g for g in cleaned]
+        versioned = [g for g in cleaned if "." in g and _ENSEMBL_VERSIONED.match(g)]
+        if versioned:
+            cleaned = [_ENSEMBL_VERSIONED.sub(r"\1", g) if "." in g else g for g in cleaned]
+            log.info(
+                "%s%d of %d gene ids are versioned Ensembl ids (e.g. %s); the version is ignored (%s), as "
+                "vocabularies hold unversioned ids",
+                f"{source}: " if source else "",
+                len(versioned),
+                len(cleaned),
+                versioned[0],
+                _ENSEMBL_VERSIONED.sub(r"\1", versioned[0]),
+            )
     return np.array(cleaned, dtype=object)
 
 
@@ -57,13 +69,48 @@ def load_gene_mapping(path: str | Path) -> dict[str, str]:
         with table.open("rb") as raw, gzip.open(raw, "rt", newline="") as fh:
             return {row["symbol"]: row["ensembl_id"] for row in csv.DictReader(fh, delimiter="\t")}
     path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: gene mapping file not found (or not a file); pass a JSON, TSV/CSV or pickle file, or GRCh38"
+        raise ValueError(msg)
     if path.suffix in (".pkl", ".pickle"):
         mapping = load_plain_pickle(path)
     elif path.suffix == ".json":
-        mapping = json.loads(path.read_text())
+        mapping = read_json_object(path, "gene mapping", '{"gene id": "Ensembl id", ...}')
     else:
         mapping = _two_column_table(path, "," if path.suffix == ".csv" else "\t")
-    return {str(k): str(v) for k, v in mapping.items()}
+    bad = next((k for k, v in mapping.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        msg = f"{path}: the gene mapping maps {bad!r} to {mapping[bad]!r}; the values must be Ensembl ids (text)"
+        raise ValueError(msg)
+    return {str(k): v for k, v in mapping.items()}
+
+
+_JSON_TYPES = {list: "an array [...]", str: "a string", int: "a number", float: "a number", bool: "true/false"}
+
+
+def read_json_object(path: Path, what: str, example: str) -> dict:
+    """The JSON object ``{...}`` in ``path``; anything else is a ``ValueError`` naming the file and ``what`` it is.
+
+    Args:
+        path: The JSON file.
+        what: What the file should be, for messages (e.g. "gene mapping").
+        example: The shape of the object it should hold, for messages (e.g. ``{"gene id": "Ensembl id", ...}``).
+
+    Raises:
+        ValueError: the file is not UTF-8 text, not valid JSON, or holds another JSON value than an object.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        msg = f"{path}: not a text (UTF-8) file, so not a JSON {what}"
+        raise ValueError(msg) from err
+    except json.JSONDecodeError as err:
+        msg = f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); a {what} is {example}"
+        raise ValueError(msg) from err
+    if not isinstance(value, dict):
+        msg = f"{path}: holds {_JSON_TYPES.get(type(value), 'null')}, but a {what} is a JSON object {example}"
+        raise ValueError(msg)
+    return value
 
 
 def map_gene_ids(ids: np.ndarray, mapping: dict[str, str] | None, *, source: str | Path = "") -> np.ndarray:
@@ -80,7 +127,11 @@ def map_gene_ids(ids: np.ndarray, mapping: dict[str, str] | None, *, source: str
 
 def _two_column_table(path: Path, sep: str) -> dict[str, str]:
     """The first two columns of a delimited text file with a header line (``#`` lines are comments)."""
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        msg = f"{path}: not a text (UTF-8) file, so not a gene mapping table"
+        raise ValueError(msg) from err
     lines = (line for line in io.StringIO(text) if line.strip() and not line.startswith("#"))
     rows = list(csv.reader(lines, delimiter=sep))
     if not rows or len(rows[0]) < 2:

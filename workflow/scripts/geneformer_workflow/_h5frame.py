@@ -4,8 +4,10 @@ Importing anndata costs about a third of a second and pandas almost half a secon
 of a whole ``gfw tokenize`` run on a 20,000-cell file. The encodings that AnnData writes by default
 (numeric and string arrays, categoricals, nullable integers and booleans; ``dataframe`` 0.2.0) are
 read here with h5py and numpy alone, column by column; pandas is imported only to build a whole
-dataframe (:func:`read_dataframe`, exactly as ``anndata.io.read_elem`` builds it). Any other encoding
-(older files, new types) is handed to anndata.
+dataframe (:func:`read_dataframe`, exactly as ``anndata.io.read_elem`` builds it). So are the dataframes of
+anndata 0.6 and older: one compound-dtype dataset (the index first), categories in ``uns``, exactly as
+``anndata.read_h5ad`` reads them. Any other encoding (anndata 0.7's ``dataframe`` 0.1.0, new types) is
+handed to anndata.
 """
 
 from __future__ import annotations
@@ -110,14 +112,73 @@ def _parts(node: h5py.HLObject) -> ColumnParts | None:
         return None
 
 
-def _is_ours(group: h5py.Group) -> bool:
-    return _spec(group) == ("dataframe", "0.2.0")
+def _is_ours(group: h5py.Group | h5py.Dataset) -> bool:
+    return isinstance(group, h5py.Group) and _spec(group) == ("dataframe", "0.2.0")
 
 
-def read_dataframe(group: h5py.Group) -> pd.DataFrame:
-    """The dataframe stored in ``group``, as ``anndata.io.read_elem(group)`` returns it."""
+# -- anndata < 0.7: a dataframe is one compound-dtype dataset ----------------------------------------
+# Written by anndata 0.6's `_write_h5ad` (anndata/readwrite/write.py) from `df_to_records_fixed_width`
+# (anndata/core/anndata.py): the index is the first field, then one field per column; string columns
+# are variable-length (or fixed-width) strings, and categorical columns are stored as their codes with
+# the categories in `uns/<column>_categories`. anndata >= 0.7 reads them back with
+# `anndata._io.h5ad.read_dataframe_legacy` and `anndata.compat._clean_uns`, as done here.
+
+
+def _is_legacy(node: h5py.HLObject) -> bool:
+    return isinstance(node, h5py.Dataset) and node.dtype.names is not None
+
+
+def _legacy_parts(node: h5py.Dataset, field: str) -> ColumnParts:
+    """One field of a legacy dataframe: decoded strings, codes with their ``uns`` categories, or numbers."""
+    values = node[field]  # h5py reads this field of every row alone
+    if h5py.check_string_dtype(node.dtype.fields[field][0]) is not None or values.dtype.kind in "SO":
+        return ColumnParts(_decoded(values))
+    categories = _legacy_categories(node, field)
+    # anndata applies the categories only where every code is a valid one (its guess of the axis they belong to)
+    if categories is not None and values.dtype.kind in "iu" and (values.size == 0 or values.max() < categories.size):
+        return ColumnParts(values.astype(np.int64), "categorical", categories=categories)
+    return ColumnParts(values)
+
+
+def _legacy_categories(node: h5py.Dataset, field: str) -> np.ndarray | None:
+    """``uns/<field>_categories`` of an obs or var dataframe, as anndata < 0.7 wrote them (``None``: none)."""
+    if node.name not in ("/obs", "/var"):
+        return None  # anndata restores the categories of obs and var alone (not raw.var)
+    stored = node.file.get(f"uns/{field}_categories")
+    if not isinstance(stored, h5py.Dataset):
+        return None
+    categories = np.atleast_1d(stored[()])
+    return _decoded(categories) if categories.dtype.kind in "SO" else categories
+
+
+def _decoded(values: np.ndarray) -> np.ndarray:
+    """An object array of ``str`` from stored bytes (fixed-width or variable-length strings)."""
+    return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.tolist()], dtype=object)
+
+
+def _legacy_dataframe(node: h5py.Dataset) -> pd.DataFrame:
     import pandas as pd
 
+    index_name, *columns = node.dtype.names
+    data = {c: _legacy_parts(node, c).to_pandas() for c in columns}
+    return pd.DataFrame(data, index=pd.Index(_legacy_parts(node, index_name).to_numpy(), name=index_name))
+
+
+def _not_a_dataframe(node: h5py.HLObject) -> ValueError:
+    """The error for an ``obs``/``var`` that is neither a dataframe group nor a compound (anndata < 0.7) dataset."""
+    kind = f"a dataset of {node.dtype} values" if isinstance(node, h5py.Dataset) else "not a dataset or group"
+    msg = f"{node.name} is not a dataframe ({kind}); it must be written by anndata"
+    return ValueError(msg)
+
+
+def read_dataframe(group: h5py.Group | h5py.Dataset) -> pd.DataFrame:
+    """The dataframe stored in ``group``, as ``anndata.read_h5ad`` reads it (anndata < 0.7's compound datasets too)."""
+    import pandas as pd
+
+    if _is_legacy(group):
+        return _legacy_dataframe(group)
+    if not isinstance(group, h5py.Group):
+        raise _not_a_dataframe(group)
     if _is_ours(group):
         columns = column_names(group)
         index_key = _attr(group, "_index")
@@ -132,18 +193,32 @@ def read_dataframe(group: h5py.Group) -> pd.DataFrame:
     return _anndata_read_elem(group)
 
 
-def column_names(group: h5py.Group) -> list[str]:
+def column_names(group: h5py.Group | h5py.Dataset) -> list[str]:
     """The column names of the dataframe in ``group``, in order (its index excluded)."""
     if _is_ours(group):
         return [str(c) for c in group.attrs["column-order"]]
+    if _is_legacy(group):
+        return list(group.dtype.names[1:])
+    if not isinstance(group, h5py.Group):
+        raise _not_a_dataframe(group)
     return [str(c) for c in _anndata_read_elem(group).columns]
 
 
-def read_column_parts(group: h5py.Group, key: str | None) -> ColumnParts:
+def read_column_parts(group: h5py.Group | h5py.Dataset, key: str | None) -> ColumnParts:
     """One column of the dataframe in ``group`` (``None``: its index), without reading the others.
 
     An encoding we do not read ourselves comes through anndata, as plain values (``None`` where missing).
+
+    Raises:
+        KeyError: there is no column ``key``.
     """
+    if _is_legacy(group):
+        names = group.dtype.names
+        if key is not None and key not in names[1:]:
+            raise KeyError(key)
+        return _legacy_parts(group, names[0] if key is None else key)
+    if not isinstance(group, h5py.Group):
+        raise _not_a_dataframe(group)
     if _is_ours(group):
         parts = _parts(group[_attr(group, "_index") if key is None else key])
         if parts is not None:
@@ -154,7 +229,7 @@ def read_column_parts(group: h5py.Group, key: str | None) -> ColumnParts:
     return ColumnParts(values.to_numpy() if plain else values.to_numpy(dtype=object, na_value=None))
 
 
-def read_column(group: h5py.Group, key: str | None) -> np.ndarray:
+def read_column(group: h5py.Group | h5py.Dataset, key: str | None) -> np.ndarray:
     """One column of the dataframe in ``group`` (``None``: its index) as a numpy array (see :class:`ColumnParts`)."""
     return read_column_parts(group, key).to_numpy()
 

@@ -6,12 +6,19 @@ row access, is read in bands of rows: :mod:`geneformer_workflow._csc`).
 
 Two views of a chunk: :class:`CountChunk` (float64 CSR, for QC and medians) and :class:`RawChunk`
 (the file's own arrays in reused buffers, no copy or conversion: the tokenizer's fast path).
+
+The file's layout is checked when it is opened (cheap: attributes, dataset shapes and two ``indptr``
+values) and every chunk as it is read (vectorised: ``indptr`` increases, column indices in range,
+values are counts), so a damaged or hand-made file ends in an :class:`InputError` naming the file and
+the defect, never in a wrong corpus or another exception. Files written by anndata 0.6 and older are
+read as anndata reads them (``h5sparse_format``/``h5sparse_shape`` matrices, ``raw.X``/``raw.var``,
+compound-dtype ``obs``/``var``: :mod:`geneformer_workflow._h5frame`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +27,15 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from geneformer_workflow._chunk_checks import Buffers, counts_low, is_canonical, read_ahead, to_canonical
+from geneformer_workflow._chunk_checks import (
+    Buffers,
+    MatrixDefect,
+    counts_low,
+    is_canonical,
+    read_ahead,
+    readable_dtype,
+    to_canonical,
+)
 from geneformer_workflow._csc import csc_row_bands
 from geneformer_workflow._genes import count_ensembl_ids
 from geneformer_workflow._h5frame import ColumnParts, column_names, read_column, read_column_parts, read_dataframe
@@ -33,6 +48,7 @@ log = logging.getLogger(__name__)
 
 COUNT_SOURCES_HELP = "'X', 'raw' (raw.X) or 'layers/<name>'"
 DENSE_BYTES = 64 << 20  # dense rows read at once
+REWRITE_HINT = "the file is damaged or was written by a faulty tool; write it again (e.g. anndata's write_h5ad)"
 
 
 class InputError(ValueError):
@@ -103,33 +119,42 @@ class H5adCounts:
     def __init__(self, path: str | Path, *, counts: str = "X", gene_id_key: str | None = None) -> None:
         self.path = Path(path)
         self.counts = counts
-        if not self.path.is_file():
-            msg = "no such file"
-            raise self._error(msg)
+        self._file = _open_h5ad(self.path)
         try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as err:
-            msg = f"not a readable .h5ad (HDF5) file — is it truncated or corrupt? ({err})"
-            raise self._error(msg) from err
-        try:
-            self._matrix, self._var_group = self._locate(counts)
+            self._matrix, self._var_group = _locate(self._file, counts, self._error)
+            self.n_obs, self.n_vars = _matrix_shape(self._matrix, counts, self._error)
             if _unfiltered_chunks(self._matrix):
                 # HDF5 would copy every uncompressed chunk through its chunk cache; without the cache it
                 # reads straight into our buffers (a third less time spent reading)
                 self._file.close()
                 self._file = h5py.File(self.path, "r", rdcc_nbytes=0)
-                self._matrix, self._var_group = self._locate(counts)
-            self._obs_group = self._file["obs"]
+                self._matrix, self._var_group = _locate(self._file, counts, self._error)
+            self._obs_group = _member(self._file, "obs")
+            if self._obs_group is None:
+                msg = "not a valid AnnData file (it has no obs, the cell annotations)"
+                raise self._error(msg)
+            self._read_names(gene_id_key)
+            self._check_shape()
+        except BaseException:
+            self.close()
+            raise
+        self._obs_n_counts: np.ndarray | None = None
+        self._row_sums_noted = False
+
+    def _read_names(self, gene_id_key: str | None) -> None:
+        """Cell ids, ``obs`` column names and gene ids; a frame that cannot be read is an :class:`InputError`."""
+        try:
             self.cell_ids = _as_str(read_column(self._obs_group, None))
             self.obs_columns = column_names(self._obs_group)
             self.gene_ids = self._gene_ids(gene_id_key)
+        except InputError:
+            raise
         except KeyError as err:
-            self.close()
             msg = f"not a valid AnnData file (missing {err})"
             raise self._error(msg) from err
-        self.n_obs, self.n_vars = self._shape()
-        self._obs_n_counts: np.ndarray | None = None
-        self._check_shape()
+        except Exception as err:  # anndata raises its own types for encodings it cannot read
+            msg = f"cannot read its obs/var annotations ({type(err).__name__}: {err}); {REWRITE_HINT}"
+            raise self._error(msg) from err
 
     @cached_property
     def obs(self) -> pd.DataFrame:
@@ -150,40 +175,10 @@ class H5adCounts:
         return InputError(f"{self.path}: {problem}")
 
     # -- layout -------------------------------------------------------------------------------
-    def _locate(self, counts: str) -> tuple[h5py.Group | h5py.Dataset, h5py.Group]:
-        f = self._file
-        if counts == "X":
-            node, var = f.get("X"), f["var"]
-        elif counts == "raw":
-            node, var = f.get("raw/X"), f.get("raw/var")
-        elif counts.startswith("layers/"):
-            node, var = f.get(counts), f["var"]
-        else:
-            msg = f"unknown count source {counts!r}; use {COUNT_SOURCES_HELP}"
-            raise self._error(msg)
-        if node is None or var is None:
-            msg = f"has no {counts!r} matrix; choose the raw counts with {COUNT_SOURCES_HELP}"
-            raise self._error(msg)
-        return node, var
-
     @property
     def encoding(self) -> str:
         """``csr_matrix``, ``csc_matrix`` or ``array``."""
-        if isinstance(self._matrix, h5py.Dataset):
-            return "array"
-        enc = self._matrix.attrs.get("encoding-type", self._matrix.attrs.get("h5sparse_format", ""))
-        enc = enc.decode() if isinstance(enc, bytes) else str(enc)
-        return {"csr": "csr_matrix", "csc": "csc_matrix"}.get(enc, enc)
-
-    def _shape(self) -> tuple[int, int]:
-        if isinstance(self._matrix, h5py.Dataset):
-            shape = self._matrix.shape
-        else:
-            shape = tuple(int(x) for x in self._matrix.attrs["shape"])
-        if len(shape) != 2:
-            msg = f"the {self.counts} matrix has shape {shape}, expected cells x genes"
-            raise self._error(msg)
-        return int(shape[0]), int(shape[1])
+        return _encoding(self._matrix)
 
     def _gene_ids(self, gene_id_key: str | None) -> np.ndarray:
         columns = column_names(self._var_group)
@@ -245,9 +240,6 @@ class H5adCounts:
         if chunk_size < 1:
             msg = f"chunk_size must be >= 1, got {chunk_size}"
             raise ValueError(msg)
-        if self.encoding not in ("csr_matrix", "csc_matrix", "array"):
-            msg = f"unsupported matrix encoding {self.encoding!r} for {self.counts}"
-            raise self._error(msg)
         end = self.n_obs if stop is None else stop
         # one buffer set more than the caller holds: the chunk being read ahead
         yield from read_ahead(self._checked_chunks(chunk_size, start, end, buffers + 1))
@@ -255,11 +247,14 @@ class H5adCounts:
     def _checked_chunks(self, chunk_size: int, start: int, stop: int, buffers: int) -> Iterator[RawChunk]:
         scratch = Buffers()  # temporaries of the checks
         for lo, hi, (indptr, indices, data) in self._chunk_arrays(chunk_size, start, stop, buffers):
+            if data.dtype == np.bool_:
+                data = data.view(np.uint8)  # 0/1 counts
             canonical = data.dtype.kind in "fiu" and is_canonical(indptr, indices, scratch)
             self._check_columns(indptr, indices, lo, canonical=canonical)
+            # the stored values are checked, before duplicates are summed (1 and -1 would hide in a 0)
+            has_zeros = self._validate_counts(data, indptr, lo, scratch)
             if not canonical:
                 indptr, indices, data = to_canonical(indptr, indices, data, self.n_vars)
-            has_zeros = self._validate_counts(data, indptr, lo, scratch)
             yield RawChunk(lo, hi, indptr, indices, data, has_zeros=has_zeros)
 
     def _chunk_arrays(
@@ -267,15 +262,10 @@ class H5adCounts:
     ) -> Iterator[tuple[int, int, tuple[np.ndarray, ...]]]:
         """``(lo, hi, (indptr, indices, data))`` of every chunk, as stored (CSR rows from any encoding)."""
         if self.encoding == "csc_matrix":
-            for first, band in csc_row_bands(self._matrix, (self.n_obs, self.n_vars), start, stop, chunk_size):
-                band_ptr = band.indptr.astype(np.int64)
-                for lo in range(first, first + band.shape[0], chunk_size):
-                    hi = min(lo + chunk_size, first + band.shape[0])
-                    indptr = band_ptr[lo - first : hi - first + 1]
-                    a, b = int(indptr[0]), int(indptr[-1])
-                    # copies, so that no chunk keeps the band alive while the next one is read
-                    yield lo, hi, (indptr - a, band.indices[a:b].copy(), band.data[a:b].copy())
-                del band
+            try:
+                yield from self._csc_chunks(chunk_size, start, stop)
+            except MatrixDefect as err:
+                raise self._corrupt(str(err)) from err
             return
         ring = [Buffers() for _ in range(max(1, buffers))]  # the chunks' arrays
         for i, lo in enumerate(range(start, stop, chunk_size)):
@@ -286,14 +276,37 @@ class H5adCounts:
                 rows = self._read_dense_rows(lo, hi)
                 yield lo, hi, (rows.indptr.astype(np.int64), rows.indices, rows.data)
 
+    def _csc_chunks(self, chunk_size: int, start: int, stop: int) -> Iterator[tuple[int, int, tuple[np.ndarray, ...]]]:
+        """The chunks of a CSC matrix, cut from bands of rows (:mod:`geneformer_workflow._csc`)."""
+        for first, band in csc_row_bands(self._matrix, (self.n_obs, self.n_vars), start, stop, chunk_size):
+            band_ptr = band.indptr.astype(np.int64)
+            for lo in range(first, first + band.shape[0], chunk_size):
+                hi = min(lo + chunk_size, first + band.shape[0])
+                indptr = band_ptr[lo - first : hi - first + 1]
+                a, b = int(indptr[0]), int(indptr[-1])
+                # copies, so that no chunk keeps the band alive while the next one is read
+                yield lo, hi, (indptr - a, band.indices[a:b].copy(), band.data[a:b].copy())
+            del band
+
     def _read_csr_rows(self, start: int, stop: int, buffers: Buffers) -> tuple[np.ndarray, ...]:
         """Rows ``start:stop`` of a CSR matrix, read into reused buffers (no allocation, no page faults)."""
         node = self._matrix
         indptr = node["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
+        # Chunks overlap by one indptr value: increasing within each chunk means increasing throughout, and
+        # bounded by the entries in each chunk means never reading outside them.
+        if (indptr[1:] < indptr[:-1]).any():
+            row = start + int(np.flatnonzero(indptr[1:] < indptr[:-1])[0])
+            msg = f"indptr decreases at cell {self.cell_ids[row]!r} (row {row})"
+            raise self._corrupt(msg)
+        n_entries = node["data"].shape[0]
+        if lo < 0 or hi > n_entries:
+            msg = f"indptr holds {lo if lo < 0 else hi} (rows {start}:{stop}), outside its {n_entries} entries"
+            raise self._corrupt(msg)
         indptr -= lo
-        indices = buffers.get("indices", node["indices"].dtype, hi - lo)
-        data = buffers.get("data", node["data"].dtype, hi - lo)
+        # read in native byte order, float16 as float32 (HDF5 converts while reading)
+        indices = buffers.get("indices", readable_dtype(node["indices"].dtype), hi - lo)
+        data = buffers.get("data", readable_dtype(node["data"].dtype), hi - lo)
         if hi > lo:
             node["indices"].read_direct(indices, np.s_[lo:hi])
             node["data"].read_direct(data, np.s_[lo:hi])
@@ -304,7 +317,11 @@ class H5adCounts:
         import scipy.sparse as sp
 
         step = max(1, DENSE_BYTES // (self.n_vars * self._matrix.dtype.itemsize))
-        parts = [sp.csr_matrix(self._matrix[a : min(a + step, stop)]) for a in range(start, stop, step)]
+        dtype = readable_dtype(self._matrix.dtype)  # scipy refuses float16
+        parts = [
+            sp.csr_matrix(self._matrix[a : min(a + step, stop)].astype(dtype, copy=False))
+            for a in range(start, stop, step)
+        ]
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 
     def _check_columns(self, indptr: np.ndarray, indices: np.ndarray, start: int, *, canonical: bool) -> None:
@@ -315,8 +332,12 @@ class H5adCounts:
         else:
             first = last = indices
         if first.size and (first.min() < 0 or last.max() >= self.n_vars):
-            msg = f"{self.counts} has column indices outside its {self.n_vars} genes (rows from {start})"
-            raise self._error(msg)
+            msg = f"column indices outside its {self.n_vars} genes (rows from {start})"
+            raise self._corrupt(msg)
+
+    def _corrupt(self, defect: str) -> InputError:
+        """The error for a count matrix whose structure is broken."""
+        return self._error(f"the {self.counts} matrix ({self.encoding}) is corrupt: {defect}; {REWRITE_HINT}")
 
     def _validate_counts(self, data: np.ndarray, indptr: np.ndarray, start: int, buffers: Buffers) -> bool:
         """Refuse non-count values (naming a cell); return whether some stored values are 0."""
@@ -351,9 +372,18 @@ class H5adCounts:
         """
         row_sums = chunk.row_sums() if row_sums is None else row_sums
         if "n_counts" not in self.obs_columns:
+            if not self._row_sums_noted:
+                self._row_sums_noted = True
+                log.info(
+                    "%s: obs has no 'n_counts'; each cell's total is its sum over the file's %d genes (a file "
+                    "with fewer genes than were measured, e.g. filtered to highly variable genes, gives smaller "
+                    "totals than the original data, so larger normalised values)",
+                    self.path,
+                    self.n_vars,
+                )
             return row_sums
         if self._obs_n_counts is None:
-            self._obs_n_counts = self.obs_column("n_counts").to_numpy().astype(np.float64)
+            self._obs_n_counts = self._numeric_obs("n_counts")
         n_counts = self._obs_n_counts[chunk.start : chunk.stop]
         bad = ~np.isfinite(n_counts) | (n_counts < row_sums * (1 - 1e-6))
         if bad.any():
@@ -366,6 +396,20 @@ class H5adCounts:
             raise self._error(msg)
         return n_counts
 
+    def _numeric_obs(self, key: str) -> np.ndarray:
+        """An ``obs`` column as float64 (numbers stored as text are read as numbers); other text is an error."""
+        values = self.obs_column(key).to_numpy()
+        try:
+            return values.astype(np.float64)
+        except (TypeError, ValueError):
+            pass
+        bad = next(i for i, v in enumerate(values.tolist()) if not _is_number(v))  # only on the error path
+        msg = (
+            f"obs[{key!r}] holds values that are not numbers (e.g. {values[bad]!r} in cell {self.cell_ids[bad]!r}); "
+            f"{key} must be each cell's total raw count (drop the column to have it computed)"
+        )
+        raise self._error(msg)
+
     def close(self) -> None:
         """Close the HDF5 file."""
         self._file.close()
@@ -375,6 +419,157 @@ class H5adCounts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_h5ad(path: Path) -> h5py.File:
+    """Open an ``.h5ad`` file for reading; anything else (a directory, a zarr store, not HDF5) is an InputError."""
+    if path.is_dir():
+        target = f"'{path.with_suffix('.h5ad')}'" if path.suffix != ".h5ad" else "..."
+        msg = (
+            f"{path}: is a directory, not an .h5ad file (zarr stores are not supported; convert one with "
+            f"anndata.read_zarr('{path}').write_h5ad({target}))"
+        )
+        raise InputError(msg)
+    if not path.is_file():
+        msg = f"{path}: no such file"
+        raise InputError(msg)
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        hint = " (zarr stores are not supported: convert with anndata.read_zarr(...).write_h5ad(...))"
+        zarr = "zarr" in path.name.lower() or path.suffix == ".zip"
+        msg = f"{path}: not a readable .h5ad (HDF5) file — is it truncated or corrupt?{hint if zarr else ''} ({err})"
+        raise InputError(msg) from err
+
+
+def _member(group: h5py.Group, name: str) -> h5py.Group | h5py.Dataset | None:
+    """``group[name]``, or ``None`` when there is no such member (or a path through a non-group)."""
+    try:
+        node = group.get(name)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return node if isinstance(node, h5py.Group | h5py.Dataset) else None
+
+
+def _locate(
+    f: h5py.File, counts: str, error: Callable[[str], InputError]
+) -> tuple[h5py.Group | h5py.Dataset, h5py.Group | h5py.Dataset]:
+    """The count matrix named by ``counts`` and the ``var`` dataframe of its genes."""
+    layer = counts.removeprefix("layers/")
+    if counts == "X":
+        candidates = [("X", "var")]
+    elif counts == "raw":
+        candidates = [("raw/X", "raw/var"), ("raw.X", "raw.var")]  # anndata < 0.7 wrote raw.X and raw.var
+    elif counts.startswith("layers/") and layer and "/" not in layer:
+        candidates = [(counts, "var")]
+    else:
+        msg = f"unknown count source {counts!r}; use {COUNT_SOURCES_HELP}"
+        raise error(msg)
+    for matrix_key, var_key in candidates:
+        node = _member(f, matrix_key)
+        if node is not None:
+            var = _member(f, var_key)
+            if var is None:
+                msg = f"has a {matrix_key} matrix but no {var_key} (its gene annotations); {REWRITE_HINT}"
+                raise error(msg)
+            return node, var
+    layers = _member(f, "layers")
+    names = sorted(layers) if isinstance(layers, h5py.Group) else []
+    listed = f" (its layers: {names})" if counts.startswith("layers/") else ""
+    msg = f"has no {counts!r} matrix{listed}; choose the raw counts with {COUNT_SOURCES_HELP}"
+    raise error(msg)
+
+
+def _encoding(node: h5py.Group | h5py.Dataset) -> str:
+    """``array``, ``csr_matrix``, ``csc_matrix`` or whatever else the matrix's attributes say."""
+    if isinstance(node, h5py.Dataset):
+        return "array"
+    enc = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", ""))  # anndata < 0.7: h5sparse_format
+    enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+    return {"csr": "csr_matrix", "csc": "csc_matrix"}.get(enc, enc)
+
+
+def _matrix_shape(node: h5py.Group | h5py.Dataset, counts: str, error: Callable[[str], InputError]) -> tuple[int, int]:
+    """``(n_obs, n_vars)`` of a count matrix, after checking its layout (cheap: no values are read but two)."""
+    encoding = _encoding(node)
+
+    def corrupt(defect: str) -> InputError:
+        return error(f"the {counts} matrix ({encoding}) is corrupt: {defect}; {REWRITE_HINT}")
+
+    if isinstance(node, h5py.Dataset):
+        if node.ndim != 2:
+            msg = f"the {counts} matrix has shape {node.shape}, expected cells x genes"
+            raise error(msg)
+        _check_values(node, counts, error)
+        return int(node.shape[0]), int(node.shape[1])
+    if encoding not in ("csr_matrix", "csc_matrix"):
+        msg = (
+            f"unsupported matrix encoding {encoding!r} for {counts} (expected a dense array or a CSR or CSC "
+            f"sparse matrix); choose the raw counts with {COUNT_SOURCES_HELP}"
+        )
+        raise error(msg)
+    shape = _shape_attribute(node)
+    if shape is None:
+        msg = f"its shape attribute is {node.attrs.get('shape', node.attrs.get('h5sparse_shape'))!r}, not 2 sizes"
+        raise corrupt(msg)
+    parts = {name: _member(node, name) for name in ("data", "indices", "indptr")}
+    for name, part in parts.items():
+        if not isinstance(part, h5py.Dataset):
+            msg = f"it has no {name!r} dataset"
+            raise corrupt(msg)
+        if part.ndim != 1:
+            msg = f"{name} has shape {part.shape}, not one dimension"
+            raise corrupt(msg)
+    for name in ("indices", "indptr"):
+        if parts[name].dtype.kind not in "iu":
+            msg = f"{name} holds {parts[name].dtype} values, not integers"
+            raise corrupt(msg)
+    _check_values(parts["data"], counts, error)
+    major = shape[0] if encoding == "csr_matrix" else shape[1]
+    n_entries, indptr = parts["data"].shape[0], parts["indptr"]
+    if indptr.shape[0] != major + 1:
+        axis = "cells" if encoding == "csr_matrix" else "genes"
+        msg = f"indptr has {indptr.shape[0]} values, but {major} {axis} need {major + 1}"
+        raise corrupt(msg)
+    if parts["indices"].shape[0] != n_entries:
+        msg = f"indices has {parts['indices'].shape[0]} values but data {n_entries}"
+        raise corrupt(msg)
+    first, last = int(indptr[0]), int(indptr[-1])
+    if first != 0 or last != n_entries:
+        msg = f"indptr runs from {first} to {last}, but data has {n_entries} values (from 0)"
+        raise corrupt(msg)
+    return shape
+
+
+def _shape_attribute(node: h5py.Group) -> tuple[int, int] | None:
+    """The ``shape`` (or, anndata < 0.7, ``h5sparse_shape``) attribute as two sizes; ``None`` when it is not that."""
+    stored = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
+    try:
+        values = np.asarray(stored).ravel()
+        sizes = values.astype(np.int64)
+    except (TypeError, ValueError):
+        return None
+    if values.size != 2 or values.dtype.kind not in "iuf" or (sizes != values).any() or (sizes < 0).any():
+        return None
+    return int(sizes[0]), int(sizes[1])
+
+
+def _check_values(dataset: h5py.Dataset, counts: str, error: Callable[[str], InputError]) -> None:
+    """The matrix's values must be numbers (their being counts is checked chunk by chunk)."""
+    if dataset.dtype.kind not in "biuf":
+        msg = (
+            f"the {counts} matrix holds {dataset.dtype} values, not numbers; Geneformer tokenization needs raw "
+            f"integer counts ({COUNT_SOURCES_HELP})"
+        )
+        raise error(msg)
+
+
+def _is_number(value: object) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _unfiltered_chunks(node: h5py.Group | h5py.Dataset) -> bool:
@@ -399,8 +594,16 @@ def _mostly_gene_ids(ids: np.ndarray) -> bool:
 
 
 def count_cells(path: str | Path, counts: str = "X") -> int:
-    """Number of cells of an ``.h5ad`` file, read from the matrix header only (cheap)."""
-    with h5py.File(path, "r") as f:
-        node = f["raw/X" if counts == "raw" else counts]
-        shape = node.shape if isinstance(node, h5py.Dataset) else node.attrs["shape"]
-        return int(shape[0])
+    """Number of cells of an ``.h5ad`` file, read from the matrix header only (cheap).
+
+    Raises:
+        InputError: the file cannot be read, or its count matrix is missing or malformed.
+    """
+    path = Path(path)
+
+    def error(problem: str) -> InputError:
+        return InputError(f"{path}: {problem}")
+
+    with _open_h5ad(path) as f:
+        node, _ = _locate(f, counts, error)
+        return _matrix_shape(node, counts, error)[0]

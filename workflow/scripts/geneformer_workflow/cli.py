@@ -5,9 +5,12 @@ gfw summarize IN.h5ad -o summary.npz [--cell-filter qc.tsv]
 gfw medians IN.h5ad|SUMMARY.npz [...] -o gene_medians.tsv
 gfw vocab gene_medians.tsv -o VOCAB_DIR [--preset v1|v2]
 gfw tokenize IN.h5ad OUT.parquet --token-dictionary PATH --gene-medians PATH --preset v1|v2
+gfw index SHARD.parquet [...] -o DATASET_DIR/dataset.json      (the shards of one dataset + lengths in shard order)
 gfw train [--config-name sanity] [hydra overrides ...]       (under torchrun for several processes)
 gfw export CHECKPOINT OUT_DIR [--vocab-dir VOCAB_DIR]
-gfw embed --model MODEL_DIR CORPUS.parquet [...] -o cells.h5ad [--layer -1] [--batch-size 16]
+gfw embed --model MODEL_DIR DATASET/dataset.json|CORPUS.parquet [...] -o cells.h5ad [--geneformer-emb-layer -1|0]
+gfw hf-dataset DATASET/dataset.json|CORPUS.parquet [...] --split train|validation|all -o OUT_DIR
+                                         (a datasets directory of one split + lengths.pkl, for Geneformer's tools)
 gfw plot cell-lengths|training|umap|corpus-summary|configuration ...   (figures and tables of the report)
 """
 
@@ -19,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from geneformer_workflow._parquet import DEFAULT_ENCODING, ENCODINGS
 from geneformer_workflow.presets import PRESETS
 
 log = logging.getLogger("geneformer_workflow")
@@ -35,6 +39,14 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
         "or GRCh38 for the shipped human symbol table (Ensembl 93)",
     )
     parser.add_argument("--chunk-size", type=int, default=2048, help="cells read per chunk (bounds memory)")
+
+
+def _add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (default: refuse); an input or a directory of other files is never replaced",
+    )
 
 
 def _optional(kind: type) -> object:
@@ -54,6 +66,18 @@ def _row_range(text: str) -> tuple[int, int]:
         msg = f"expected START:STOP, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return int(start), int(stop)
+
+
+def _fraction(text: str) -> float:
+    """argparse type for a held-out fraction: a number in [0, 1) (1 would leave no cell to train on)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:  # NaN fails too
+        msg = f"expected a fraction of the cells in [0, 1), e.g. 0.05 (1 would leave none to train on), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _add_qc(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +108,7 @@ def _add_qc(sub: argparse._SubParsersAction) -> None:
         help="maximum %% mitochondrial counts (default 20; none disables)",
     )
     _add_input_options(p)
+    _add_overwrite_option(p)
 
 
 def _add_summarize(sub: argparse._SubParsersAction) -> None:
@@ -92,6 +117,7 @@ def _add_summarize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="summary (.npz)")
     p.add_argument("--cell-filter", type=Path, help="QC table from `gfw qc` (cells with filter_pass=0 are skipped)")
     _add_input_options(p)
+    _add_overwrite_option(p)
 
 
 def _add_medians(sub: argparse._SubParsersAction) -> None:
@@ -99,6 +125,7 @@ def _add_medians(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", type=Path, nargs="+", help=".h5ad files and/or .npz summaries")
     p.add_argument("-o", "--output", type=Path, required=True, help="gene_medians.tsv")
     _add_input_options(p)
+    _add_overwrite_option(p)
 
 
 def _add_vocab(sub: argparse._SubParsersAction) -> None:
@@ -112,6 +139,7 @@ def _add_vocab(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="use this existing dictionary (ours or Geneformer's pickle) instead of building one from the medians",
     )
+    _add_overwrite_option(p)
 
 
 def _add_tokenize(sub: argparse._SubParsersAction) -> None:
@@ -124,7 +152,10 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cell-filter", type=Path, help="QC table from `gfw qc`")
     p.add_argument("--obs-columns", default="", help="comma-separated obs columns to keep in the corpus")
     p.add_argument(
-        "--validation-fraction", type=float, default=0.05, help="cells held out for validation (by id hash)"
+        "--validation-fraction",
+        type=_fraction,
+        default=0.05,
+        help="fraction of the cells held out for validation, in [0, 1) (by id hash; default 0.05)",
     )
     p.add_argument(
         "--rows", type=_row_range, default=None, help="tokenize only rows START:STOP (0-based, STOP excluded): a shard"
@@ -136,7 +167,28 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
         help="threads (default 2: reading and parquet encoding overlap ranking; more add ranking threads, "
         "useful where sorting is slow, e.g. without AVX-512); the output does not depend on it",
     )
+    p.add_argument(
+        "--parquet-encoding",
+        choices=ENCODINGS,
+        default=DEFAULT_ENCODING,
+        help="encoding of the token lists: dictionary (default; any pyarrow >= 15 reads it) or byte_stream_split "
+        "(~10%% less tokenize CPU, 3%% smaller; needs pyarrow >= 16 to read)",
+    )
     _add_input_options(p)
+    _add_overwrite_option(p)
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="index of a dataset's shards + its lengths files in shard order")
+    p.add_argument("shards", type=Path, nargs="+", help="the dataset's corpus shards (.parquet), in order")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="dataset.json to write (X.lengths.npy and X.lengths.pkl are written beside X.json)",
+    )
+    _add_overwrite_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,11 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_qc, _add_summarize, _add_medians, _add_vocab, _add_tokenize):
+    for add in (_add_qc, _add_summarize, _add_medians, _add_vocab, _add_tokenize, _add_index):
         add(sub)
     sub.add_parser("train", help="pretrain (Hydra config; run under torchrun for several processes)", add_help=False)
     sub.add_parser("export", help="export a checkpoint to a Hugging Face BertForMaskedLM directory", add_help=False)
     sub.add_parser("embed", help="per-cell embeddings (AnnData obsm) from an exported model", add_help=False)
+    sub.add_parser(
+        "hf-dataset", help="one split of a corpus as a Hugging Face datasets directory (+ lengths.pkl)", add_help=False
+    )
     sub.add_parser("plot", help="figures and tables of the Snakemake report", add_help=False)
     return parser
 
@@ -161,7 +216,34 @@ def _mapping(args: argparse.Namespace) -> dict[str, str] | None:
     return load_gene_mapping(args.gene_mapping) if args.gene_mapping else None
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that would destroy an input, a directory or an existing file, before any work."""
+    from geneformer_workflow._atomic import check_outputs
+
+    inputs = [getattr(args, "h5ad", None), getattr(args, "gene_mapping", None), getattr(args, "cell_filter", None)]
+    inputs += [getattr(args, "token_dictionary", None), getattr(args, "gene_medians", None)]
+    inputs += list(getattr(args, "inputs", None) or [])
+    if args.command == "qc":
+        outputs = [args.output, args.summary, args.plot]
+    elif args.command == "tokenize":
+        from geneformer_workflow.tokenize import CorpusPaths
+
+        outputs = CorpusPaths.beside(args.output).all()
+    elif args.command == "index":
+        from geneformer_workflow.corpus_index import index_paths
+
+        outputs, inputs = index_paths(args.output), inputs + list(args.shards)
+    else:
+        outputs = [args.output]
+    outputs = [p for p in outputs if p is not None]
+    if len({Path(p).resolve() for p in outputs}) != len(outputs):
+        msg = f"the output paths {[str(p) for p in outputs]} must differ from each other"
+        raise ValueError(msg)
+    check_outputs(outputs, inputs=inputs, overwrite=args.overwrite, directory=args.command == "vocab")
+
+
 def _run(args: argparse.Namespace) -> None:
+    _check_outputs(args)
     if args.command == "qc":
         from geneformer_workflow.qc import QCThresholds, run_qc
 
@@ -175,6 +257,7 @@ def _run(args: argparse.Namespace) -> None:
             summary_json=args.summary,
             plot=args.plot,
             chunk_size=args.chunk_size,
+            overwrite=args.overwrite,
         )
     elif args.command == "summarize":
         from geneformer_workflow.medians import summarize_h5ad
@@ -190,7 +273,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "medians":
         from geneformer_workflow.medians import ExpressionSummary, merge_summaries, summarize_h5ad, write_medians_tsv
 
-        summaries = [
+        summaries = (  # a generator: one summary in memory at a time (merge_summaries streams)
             ExpressionSummary.load(p)
             if p.suffix == ".npz"
             else summarize_h5ad(
@@ -201,7 +284,7 @@ def _run(args: argparse.Namespace) -> None:
                 chunk_size=args.chunk_size,
             )
             for p in args.inputs
-        ]
+        )
         table = merge_summaries(summaries).medians()
         write_medians_tsv(table, args.output)
         log.info("wrote %d gene medians to %s", len(table), args.output)
@@ -209,6 +292,17 @@ def _run(args: argparse.Namespace) -> None:
         _run_vocab(args)
     elif args.command == "tokenize":
         _run_tokenize(args)
+    elif args.command == "index":
+        from geneformer_workflow.corpus_index import write_dataset_index
+
+        index = write_dataset_index(list(args.shards), args.output, overwrite=args.overwrite)
+        log.info(
+            "%s: %d shards, %d cells, %d tokens",
+            args.output,
+            len(index.shards),
+            index.info["n_cells"],
+            index.info["n_tokens"],
+        )
 
 
 def _run_vocab(args: argparse.Namespace) -> None:
@@ -217,11 +311,13 @@ def _run_vocab(args: argparse.Namespace) -> None:
     from geneformer_workflow.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
 
     preset = get_preset(args.preset)
+    medians = read_gene_medians(args.gene_medians)
     if args.token_dictionary:
         tokens = load_token_dictionary(args.token_dictionary)
     else:
-        tokens = build_token_dictionary(read_gene_medians(args.gene_medians), preset)
-    write_vocab_dir(tokens, args.output, max_length=preset.max_length)
+        tokens = build_token_dictionary(medians, preset)
+    # The medians travel with the vocabulary (gene_median_dictionary.pkl, for Geneformer's tools).
+    write_vocab_dir(tokens, args.output, max_length=preset.max_length, gene_medians=medians)
     log.info("wrote a vocabulary of %d tokens (preset %s) to %s", len(tokens), preset.name, args.output)
 
 
@@ -246,12 +342,14 @@ def _run_tokenize(args: argparse.Namespace) -> None:
         chunk_size=args.chunk_size,
         rows=args.rows,
         threads=args.threads,
+        overwrite=args.overwrite,
+        parquet_encoding=args.parquet_encoding,
     )
     log.info("%s: %d cells, %d tokens -> %s", args.h5ad, stats.n_cells, stats.n_tokens, args.output)
 
 
 def _run_torch_command(argv: list[str]) -> int:
-    """``train``, ``export``, ``embed`` and ``plot`` parse their own arguments."""
+    """``train``, ``export``, ``embed``, ``hf-dataset`` and ``plot`` parse their own arguments."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv[0] == "train":
         from geneformer_workflow.train import cli_main
@@ -259,6 +357,8 @@ def _run_torch_command(argv: list[str]) -> int:
         from geneformer_workflow.export import cli_main
     elif argv[0] == "embed":
         from geneformer_workflow.embed import cli_main
+    elif argv[0] == "hf-dataset":
+        from geneformer_workflow.hf_dataset import cli_main
     else:
         from geneformer_workflow.plots import cli_main
     return cli_main(argv[1:])
@@ -267,7 +367,7 @@ def _run_torch_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gfw``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "export", "embed", "plot"):
+    if argv and argv[0] in ("train", "export", "embed", "hf-dataset", "plot"):
         return _run_torch_command(argv)
     # The data steps make no BLAS calls, but OpenBLAS's idle worker threads spin for ~0.15 s of CPU
     # after numpy is imported; with one thread there are none (set before numpy is first imported).
@@ -278,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _run(args)
-    except (InputError, ValueError, OSError) as err:  # OSError: unreadable input, disk full, ...
+    except (InputError, ValueError) as err:
         print(f"gfw {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unreadable input, disk full, ...
+        from geneformer_workflow._atomic import describe_os_error
+
+        print(f"gfw {args.command}: error: {describe_os_error(err, args.output)}", file=sys.stderr)
         return 2
     return 0

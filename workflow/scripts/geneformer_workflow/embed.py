@@ -1,17 +1,22 @@
 """``gfw embed``: per-cell embeddings of a tokenized corpus from a Hugging Face ``BertForMaskedLM`` directory.
 
-    gfw embed --model results/export/10m results/tokenized/pbmc/shard-*.parquet -o cells.h5ad [--layer -1]
+    gfw embed --model results/export/10m results/tokenized/pbmc/dataset.json -o cells.h5ad [--overwrite]
+              [--geneformer-emb-layer -1 | --hidden-state N]
 
-Writes an AnnData with one row per corpus cell (obs names = ``cell_id``, obs = the corpus' other columns such
-as ``length`` and ``split``, plus ``corpus_file``) and no genes. The embeddings are in ``obsm``:
+The corpus is given as dataset indexes (``dataset.json``, or a directory holding one; the exact shards it lists
+are read) and/or corpus parquet files. Writes an AnnData with one row per corpus cell (obs names = ``cell_id``,
+obs = the corpus' other columns such as ``length`` and ``split``, plus ``corpus_file``) and no genes. The
+embeddings are in ``obsm``:
 
 * ``X_geneformer_mean``: the mean of the chosen layer's hidden states over the cell's gene tokens (special
   tokens and padding excluded), as Geneformer's ``EmbExtractor`` does;
 * ``X_geneformer_cls``: the hidden state of the ``<cls>`` token, only when the vocabulary has one (v2 preset).
 
-``--layer`` indexes Hugging Face's ``hidden_states``: 0 is the embedding output, 1..L the layer outputs and -1 the
-last layer. Geneformer's ``EmbExtractor(emb_layer=-1)`` (its default, the second-to-last layer) is ``--layer -2``
-here, and its ``emb_layer=0`` is ``--layer -1``.
+Which layer: two numberings, each with its own option, so that a number is never read in the wrong one
+(see :class:`LayerSelection`). ``--geneformer-emb-layer`` is ``EmbExtractor``'s ``emb_layer``: -1 (the default
+on both sides) is the second-to-last layer, 0 the last. ``--hidden-state N`` indexes transformers'
+``hidden_states``: 0 is the embedding output, N the output of layer N, -1 the last layer. The old ``--layer``
+(which was a ``hidden_states`` index) is refused with this mapping.
 
 Cells are read in chunks and sorted by length inside a chunk, so batches carry little padding and memory stays
 bounded; the output keeps the corpus order. Shape legend: B cells in a batch, T tokens, H hidden.
@@ -20,7 +25,6 @@ bounded; the output keeps the corpus order. Shape legend: B cells in a batch, T 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -37,7 +41,7 @@ from .model import GeneformerForMaskedLM, load_hf_directory
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["EmbeddingSettings", "cli_main", "embed_corpus", "pool_hidden_states"]
+__all__ = ["EmbeddingSettings", "LayerSelection", "cli_main", "embed_corpus", "pool_hidden_states"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,101 @@ TOKEN_DICTIONARY = "token_dictionary.json"
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
 MEAN_KEY = "X_geneformer_mean"
 CLS_KEY = "X_geneformer_cls"
+GENEFORMER = "geneformer"
+HIDDEN_STATES = "hidden_states"
+# Geneformer's EmbExtractor accepts emb_layer -1 or 0 only (EmbExtractor.valid_option_dict["emb_layer"]).
+GENEFORMER_EMB_LAYERS = (-1, 0)
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layer's hidden states are pooled, in one of two numberings that are never mixed.
+
+    With L encoder layers, transformers' ``hidden_states`` has L + 1 entries: ``[0]`` is the embedding output
+    and ``[N]`` the output of layer N.
+
+    * ``geneformer`` numbering, Geneformer ``EmbExtractor``'s ``emb_layer``: -1 (its default) is the
+      second-to-last layer, ``hidden_states[L - 1]``; 0 is the last layer, ``hidden_states[L]``. Upstream computes
+      ``layer_to_quant = pu.quant_layers(model) + self.emb_layer`` (``geneformer/emb_extractor.py``,
+      ``EmbExtractor.extract_embs``), where ``quant_layers`` (``geneformer/perturber_utils.py``) returns the
+      number of layers, and then takes ``outputs.hidden_states[layer_to_quant]`` (``get_embs``).
+    * ``hidden_states`` numbering: an index into that tuple, negative from the end (-1 = the last layer).
+
+    Beware a third convention: helical's Geneformer wrapper (``helical/models/geneformer/model.py``, helical 2.2.0)
+    passes its ``emb_layer`` straight to ``hidden_states`` (its -1 is the last layer): that is
+    ``LayerSelection.hidden_state(-1)`` here, not ``geneformer(-1)``.
+
+    Attributes:
+        numbering: ``"geneformer"`` or ``"hidden_states"``.
+        value: The number in that numbering.
+
+    Example:
+        >>> LayerSelection.geneformer(-1).index(num_hidden_layers=6)
+        5
+        >>> LayerSelection.hidden_state(-1).index(num_hidden_layers=6)
+        6
+    """
+
+    numbering: str = GENEFORMER
+    value: int = -1
+
+    def __post_init__(self) -> None:
+        if self.numbering not in (GENEFORMER, HIDDEN_STATES):
+            msg = f"LayerSelection numbering {self.numbering!r}: use {GENEFORMER!r} or {HIDDEN_STATES!r}"
+            raise ValueError(msg)
+        if self.numbering == GENEFORMER and self.value not in GENEFORMER_EMB_LAYERS:
+            msg = (
+                f"--geneformer-emb-layer {self.value}: Geneformer's EmbExtractor takes emb_layer -1 (the "
+                "second-to-last layer, its default) or 0 (the last layer); for any other layer use --hidden-state N "
+                "(0 = embedding output, N = output of layer N, -1 = last layer)"
+            )
+            raise ValueError(msg)
+
+    @classmethod
+    def geneformer(cls, emb_layer: int = -1) -> LayerSelection:
+        """Geneformer ``EmbExtractor``'s ``emb_layer``: -1 = second-to-last layer (its default), 0 = last."""
+        return cls(GENEFORMER, emb_layer)
+
+    @classmethod
+    def hidden_state(cls, index: int) -> LayerSelection:
+        """An index into transformers' ``hidden_states``: 0 = embedding output, N = layer N, -1 = last layer."""
+        return cls(HIDDEN_STATES, index)
+
+    @property
+    def option(self) -> str:
+        """The ``gfw embed`` option that selects it, e.g. ``--geneformer-emb-layer -1``."""
+        flag = "--geneformer-emb-layer" if self.numbering == GENEFORMER else "--hidden-state"
+        return f"{flag} {self.value}"
+
+    def index(self, num_hidden_layers: int) -> int:
+        """The non-negative index into ``hidden_states`` (0..L) for a model of ``num_hidden_layers`` layers.
+
+        Raises:
+            ValueError: a ``hidden_states`` index outside -(L + 1)..L.
+        """
+        n_states = num_hidden_layers + 1  # embedding output + one per layer
+        if self.numbering == GENEFORMER:
+            return num_hidden_layers + self.value  # EmbExtractor: quant_layers(model) + emb_layer
+        if not -n_states <= self.value < n_states:
+            msg = (
+                f"{self.option} is out of range for a model of {num_hidden_layers} layers: use 0..{n_states - 1} "
+                f"or -1..-{n_states} (0 = embedding output, -1 = last layer)"
+            )
+            raise ValueError(msg)
+        return self.value % n_states
+
+    def describe(self, num_hidden_layers: int) -> str:
+        """E.g. ``hidden_states[5] (output of layer 5 of 6, the second-to-last; Geneformer emb_layer=-1)``."""
+        index = self.index(num_hidden_layers)
+        if index == 0:
+            where = "the embedding output"
+        else:
+            where = f"output of layer {index} of {num_hidden_layers}"
+            where += {0: ", the last", 1: ", the second-to-last"}.get(num_hidden_layers - index, "")
+        emb_layer = index - num_hidden_layers
+        if emb_layer in GENEFORMER_EMB_LAYERS and index > 0:
+            where += f"; Geneformer emb_layer={emb_layer}"
+        return f"hidden_states[{index}] ({where})"
 
 
 @dataclass(frozen=True)
@@ -52,13 +151,13 @@ class EmbeddingSettings:
     """How the hidden states are taken and pooled.
 
     Attributes:
-        layer: Index into Hugging Face's ``hidden_states`` (0 = embeddings, -1 = last layer).
+        layer: Which layer; the default is Geneformer ``EmbExtractor``'s default (the second-to-last layer).
         batch_size: Cells per forward pass.
         chunk_cells: Cells read (and sorted by length) at a time; bounds memory.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
-    layer: int = -1
+    layer: LayerSelection = LayerSelection()
     batch_size: int = 16
     chunk_cells: int = 4096
     device: str = "auto"
@@ -83,31 +182,49 @@ def embed_corpus(
     *,
     settings: EmbeddingSettings = EmbeddingSettings(),
     token_dictionary: str | Path | None = None,
+    overwrite: bool = True,
 ) -> AnnData:
-    """Embed every cell of the corpus files and return (and optionally write) the AnnData.
+    """Embed every cell of the corpus and return (and optionally write) the AnnData.
 
     Args:
         model_dir: A Hugging Face ``BertForMaskedLM`` directory (``gfw export`` output or a public Geneformer one).
-        corpus: Parquet files from ``gfw tokenize`` (columns ``input_ids``, ``cell_id``; others go to obs).
+        corpus: Dataset indexes (``dataset.json`` or a directory holding one) and/or corpus parquet files
+            (columns ``input_ids``, ``cell_id``; others go to obs), read in this order.
         out: ``.h5ad`` to write (atomically); None writes nothing.
         settings: Layer, batch size, chunk size and device.
         token_dictionary: The model's token dictionary; default ``model_dir/token_dictionary.json``.
+        overwrite: Whether an existing ``out`` may be replaced (an input never is).
 
     Returns:
         The ``anndata.AnnData`` with ``obsm["X_geneformer_mean"]`` (and ``obsm["X_geneformer_cls"]``).
+
+    Raises:
+        InputError: a corpus entry is missing, or a shard is incomplete.
+        OutputError: ``out`` exists (without ``overwrite``), is a directory or is one of the inputs.
+        ValueError: the layer is out of range, or the corpus was tokenized with another vocabulary.
     """
     import anndata as ad
 
+    from ._atomic import atomic_path, check_outputs
+    from .corpus_index import resolve_corpus_inputs
+
+    shards = resolve_corpus_inputs(list(corpus))
+    inputs = [model_dir, token_dictionary, *corpus, *shards]
+    if out is not None:
+        check_outputs([out], inputs=inputs, overwrite=overwrite)  # fail in a second, not after the embedding
     model = load_hf_directory(model_dir)
-    layer = _check_layer(settings.layer, model, model_dir)
+    layer = settings.layer.index(model.config.num_hidden_layers)
     tokens = _load_tokens(Path(model_dir), token_dictionary)
+    for path in shards:
+        _check_vocabulary(path, tokens)
     device = _device(settings.device)
     model.to(device)
     special_ids = sorted({tokens[t] for t in SPECIAL_TOKENS if t in tokens} | {model.config.pad_token_id})
     cls_id = tokens.get("<cls>")
+    described = settings.layer.describe(model.config.num_hidden_layers)
+    log.info("pooling %s, selected by %s", described, settings.layer.option)
     means, cls_rows, obs_parts = [], [], []
-    for path in map(Path, corpus):
-        _check_vocabulary(path, tokens)
+    for path in shards:
         n_cells = 0
         for ids, obs in _read_chunks(path, settings.chunk_cells, model.config.vocab_size):
             mean, cls = _embed_chunk(
@@ -117,7 +234,7 @@ def embed_corpus(
             cls_rows.append(cls)
             obs_parts.append(obs.assign(corpus_file=str(path)))
             n_cells += len(obs)
-        log.info("%s: embedded %d cells (layer %d)", path, n_cells, layer)
+        log.info("%s: embedded %d cells", path, n_cells)
     obs = _obs_frame(obs_parts)
     adata = ad.AnnData(obs=obs)
     hidden = model.config.hidden_size
@@ -126,27 +243,16 @@ def embed_corpus(
         adata.obsm[CLS_KEY] = np.concatenate(cls_rows) if cls_rows else np.zeros((0, hidden), np.float32)
     adata.uns["geneformer_embedding"] = {
         "model_dir": str(model_dir),
-        "layer": layer,
+        "layer": layer,  # the index into hidden_states (0..L)
+        "layer_description": described,
+        "layer_option": settings.layer.option,
         "num_hidden_layers": model.config.num_hidden_layers,
         "pooling": "mean over gene tokens (special tokens and padding excluded)",
     }
     if out is not None:
-        from ._atomic import atomic_path
-
-        with atomic_path(out) as tmp:
+        with atomic_path(out, inputs=inputs, overwrite=overwrite) as tmp:
             adata.write_h5ad(tmp)
     return adata
-
-
-def _check_layer(layer: int, model: GeneformerForMaskedLM, model_dir: str | Path) -> int:
-    n_states = model.config.num_hidden_layers + 1  # embeddings output + one per layer
-    if not -n_states <= layer < n_states:
-        msg = (
-            f"--layer {layer} is out of range for {model_dir} ({model.config.num_hidden_layers} layers): "
-            f"use 0..{n_states - 1} or -1..-{n_states} (-1 = last layer)"
-        )
-        raise ValueError(msg)
-    return layer
 
 
 def _load_tokens(model_dir: Path, token_dictionary: str | Path | None) -> dict[str, int]:
@@ -165,20 +271,16 @@ def _load_tokens(model_dir: Path, token_dictionary: str | Path | None) -> dict[s
 
 
 def _check_vocabulary(path: Path, tokens: dict[str, int]) -> None:
-    """Compare the corpus manifest's dictionary checksum (when there is one) with the model's dictionary."""
-    if not path.is_file():
-        msg = f"corpus file {path} does not exist"
-        raise ValueError(msg)
-    manifest = Path(f"{path.with_suffix('')}.manifest.json")
-    if not manifest.is_file():
-        return
+    """Compare the shard manifest's dictionary checksum (when there is one) with the model's dictionary."""
+    from .corpus_index import manifest_path, verify_shard
     from .vocab import token_dictionary_sha256
 
-    expected = json.loads(manifest.read_text()).get("token_dictionary_sha256")
+    manifest = verify_shard(path)  # None: a parquet file that `gfw tokenize` did not write, taken as it is
+    expected = (manifest or {}).get("token_dictionary_sha256")
     if expected is not None and expected != token_dictionary_sha256(tokens):
         msg = (
-            f"{path} was tokenized with another token dictionary than the model's ({manifest} records a different "
-            "checksum); tokenize the cells with the model's token_dictionary.json"
+            f"{path} was tokenized with another token dictionary than the model's ({manifest_path(path).name} "
+            "records a different checksum); tokenize the cells with the model's token_dictionary.json"
         )
         raise ValueError(msg)
 
@@ -187,7 +289,7 @@ def _read_chunks(path: Path, chunk_cells: int, vocab_size: int) -> Iterator[tupl
     """(token id arrays, obs rows) per chunk of ``path``; obs has the corpus columns other than ``input_ids``."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(path, pre_buffer=False)  # pyarrow's pre_buffer would keep the whole shard in memory
     names = parquet.schema_arrow.names
     missing = [c for c in ("input_ids", "cell_id") if c not in names]
     if missing:
@@ -286,37 +388,89 @@ def _device(name: str) -> torch.device:
 def build_parser() -> argparse.ArgumentParser:
     """``gfw embed`` arguments."""
     parser = argparse.ArgumentParser(prog="gfw embed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("corpus", nargs="+", type=Path, help="corpus parquet files from `gfw tokenize`")
+    parser.add_argument(
+        "corpus",
+        nargs="+",
+        type=Path,
+        help="the corpus: dataset.json indexes (or their directories; exactly the shards they list are read) "
+        "and/or corpus parquet files, in order",
+    )
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face BertForMaskedLM directory")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output .h5ad")
-    parser.add_argument("--layer", type=int, default=-1, help="hidden_states index: 0 embeddings, -1 last layer")
+    layer = parser.add_mutually_exclusive_group()
+    layer.add_argument(
+        "--geneformer-emb-layer",
+        type=int,
+        choices=GENEFORMER_EMB_LAYERS,
+        default=-1,
+        help="layer in Geneformer EmbExtractor's emb_layer numbering: -1 = the second-to-last layer (the default, "
+        "as EmbExtractor's default), 0 = the last layer",
+    )
+    layer.add_argument(
+        "--hidden-state",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead, any layer as an index into transformers' hidden_states: 0 = the embedding output, "
+        "N = the output of layer N, negative from the end (-1 = the last layer = --geneformer-emb-layer 0)",
+    )
+    parser.add_argument("--layer", type=int, default=None, help=argparse.SUPPRESS)  # removed: see _removed_layer
     parser.add_argument("--batch-size", type=int, default=16, help="cells per forward pass (default 16)")
     parser.add_argument("--chunk-cells", type=int, default=4096, help="cells read and length-sorted at a time")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--token-dictionary", type=Path, default=None, help="default: the model directory's token_dictionary.json"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (default: refuse); an input is never replaced",
+    )
     return parser
+
+
+def _removed_layer(value: int) -> str:
+    """Why ``--layer`` is refused, and the options that select the layer it used to select."""
+    same = {-1: " (= --geneformer-emb-layer 0)", -2: " (= --geneformer-emb-layer -1, the default)"}.get(value, "")
+    return (
+        "--layer was removed: its numbering (an index into transformers' hidden_states, -1 = the last layer) is "
+        "easy to confuse with Geneformer's EmbExtractor emb_layer, where -1 is the second-to-last layer and 0 the "
+        f"last. For the layer that --layer {value} selected, pass --hidden-state {value}{same}; "
+        "--geneformer-emb-layer -1|0 takes EmbExtractor's numbering (its default, -1, is ours)"
+    )
 
 
 def cli_main(argv: list[str]) -> int:
     """Entry point of ``gfw embed``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.layer is not None:
+        print(f"gfw embed: error: {_removed_layer(args.layer)}", file=sys.stderr)
+        return 2
     if args.batch_size < 1 or args.chunk_cells < 1:
         print("gfw embed: error: --batch-size and --chunk-cells must be at least 1", file=sys.stderr)
         return 2
+    if args.hidden_state is not None:
+        layer = LayerSelection.hidden_state(args.hidden_state)
+    else:
+        layer = LayerSelection.geneformer(args.geneformer_emb_layer)
     settings = EmbeddingSettings(
-        layer=args.layer, batch_size=args.batch_size, chunk_cells=args.chunk_cells, device=args.device
+        layer=layer, batch_size=args.batch_size, chunk_cells=args.chunk_cells, device=args.device
     )
     from ._io import InputError
 
     try:
         adata = embed_corpus(
-            args.model, args.corpus, args.output, settings=settings, token_dictionary=args.token_dictionary
+            args.model,
+            args.corpus,
+            args.output,
+            settings=settings,
+            token_dictionary=args.token_dictionary,
+            overwrite=args.overwrite,
         )
-    except (InputError, ValueError, FileNotFoundError) as err:
+    except (InputError, ValueError, FileNotFoundError) as err:  # OutputError is a ValueError
         print(f"gfw embed: error: {err}", file=sys.stderr)
         return 2
     keys = ", ".join(adata.obsm.keys())
-    print(f"embedded {adata.n_obs} cells ({keys}) -> {args.output}")
+    layer = adata.uns["geneformer_embedding"]["layer_description"]
+    print(f"embedded {adata.n_obs} cells ({keys}; {layer}) -> {args.output}")
     return 0

@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .model import GeneformerForMaskedLM, ModelConfig, save_hf_directory
+from ._atomic import OutputError, check_outputs
+from .model import GeneformerForMaskedLM, ModelConfig, save_hf_state_dict
 from .train.checkpoint import (
     FINAL_FILE,
     MODEL_CONFIG_FILE,
@@ -56,12 +57,15 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[GeneformerForMaskedLM
     return model.eval(), meta
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, vocab_dir: str | Path | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, *, vocab_dir: str | Path | None = None, overwrite: bool = True
+) -> Path:
     """Export a checkpoint as a Hugging Face directory (config.json, model.safetensors, vocab files).
 
     Args:
         checkpoint: A run directory or a ``checkpoints/step_<n>`` directory.
-        out_dir: Target directory (replaced atomically if it exists).
+        out_dir: Target directory, written atomically; an existing one is replaced only with ``overwrite`` and only
+            when it holds nothing but an earlier export's files.
         vocab_dir: Vocabulary files to ship; default: the ``vocab_dir`` recorded in the checkpoint.
 
     Returns:
@@ -72,7 +76,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, vocab_dir:
     if vocab is not None and not Path(vocab).is_dir():
         msg = f"vocab dir {vocab} (recorded in the checkpoint) does not exist; pass --vocab-dir"
         raise FileNotFoundError(msg)
-    return save_hf_directory(model, out_dir, vocab_dir=vocab)
+    return save_hf_state_dict(
+        model.state_dict(), model.config, out_dir, vocab_dir=vocab, overwrite=overwrite, inputs=[checkpoint]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "checkpoint", help="run directory (uses final.json, else the newest checkpoint) or step_<n> dir"
     )
-    parser.add_argument("out_dir", help="output directory (replaced if it exists)")
+    parser.add_argument("out_dir", help="output directory (must not exist, unless --overwrite)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing export (a directory holding other files is never replaced)",
+    )
     parser.add_argument(
         "--vocab-dir", default=None, help="tokenizer/vocabulary files to copy (default: the one recorded at training)"
     )
@@ -94,8 +105,11 @@ def cli_main(argv: list[str]) -> int:
     """Entry point of ``gfw export``; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, vocab_dir=args.vocab_dir)
-    except (CheckpointError, FileNotFoundError) as err:
+        check_outputs(
+            [args.out_dir], inputs=[args.checkpoint, args.vocab_dir], overwrite=args.overwrite, directory=True
+        )
+        out = export_checkpoint(args.checkpoint, args.out_dir, vocab_dir=args.vocab_dir, overwrite=args.overwrite)
+    except (CheckpointError, FileNotFoundError, OutputError) as err:
         print(f"gfw export: error: {err}")
         return 1
     print(f"exported {resolve_checkpoint(args.checkpoint)} to {out}")

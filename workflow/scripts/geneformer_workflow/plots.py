@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._atomic import atomic_path, write_text_atomic
+from ._atomic import atomic_path, check_outputs, write_text_atomic
 from ._run_dir import FINAL_FILE, METRICS_FILE, CheckpointError, final_checkpoint, read_jsonl
 
 __all__ = [
@@ -383,7 +383,9 @@ def _compose(config_dir: Path, name: str, overrides: list[str]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """``gfw plot`` arguments: one subcommand per figure or table."""
     parser = argparse.ArgumentParser(prog="gfw plot", description="Figures and tables of the Snakemake report.")
-    sub = parser.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    sub = _SubcommandsWithOptions(parser.add_subparsers(dest="what", required=True), common)
     p = sub.add_parser("corpus-summary", help="per-file QC, mapping and corpus table (HTML)")
     p.add_argument("--qc-summary", type=Path, nargs="*", default=[], help="summary.json files of `gfw qc`")
     p.add_argument("--manifest", type=Path, nargs="+", required=True, help="*.manifest.json of the corpus shards")
@@ -411,10 +413,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _SubcommandsWithOptions:
+    """``add_parser`` that gives every subcommand the ``common`` options."""
+
+    def __init__(self, sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+        self.sub, self.common = sub, common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self.sub.add_parser(name, parents=[self.common], **kwargs)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output that is an input, a directory or (without ``--overwrite``) an existing file."""
+    outputs = [args.loss, args.throughput] if args.what == "training" else [args.output]
+    inputs = [*getattr(args, "qc_summary", []), *getattr(args, "manifest", []), *getattr(args, "corpus", [])]
+    inputs += [getattr(args, "h5ad", None), *getattr(args, "qc", []), getattr(args, "model_dir", None)]
+    inputs += [getattr(args, "run_dir", None)]
+    check_outputs(outputs, inputs=inputs, overwrite=args.overwrite)
+
+
 def cli_main(argv: list[str]) -> int:
     """Entry point of ``gfw plot``; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        _check_outputs(args)
         _run(args)
     except (ValueError, OSError, CheckpointError) as err:
         print(f"gfw plot {args.what}: error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ gives exactly the whole-file result. Mitochondrial genes are found by symbol pre
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geneformer_workflow._atomic import atomic_path, write_json_atomic
+from geneformer_workflow._atomic import atomic_files, check_outputs
+from geneformer_workflow._cells import filter_pass
 from geneformer_workflow._genes import normalize_gene_ids
 from geneformer_workflow._io import H5adCounts
 from geneformer_workflow.progress import Progress
@@ -57,7 +59,7 @@ def compute_qc_metrics(reader: H5adCounts, *, chunk_size: int = 2048) -> pd.Data
     parts = []
     progress = Progress(f"qc {reader.path.name}", reader.n_obs, unit="cells")
     for chunk in reader.iter_chunks(chunk_size):
-        obs = pd.DataFrame(index=reader.obs.index[chunk.start : chunk.stop].astype(str))
+        obs = pd.DataFrame(index=pd.Index(reader.cell_ids[chunk.start : chunk.stop]).astype(str))
         adata = ad.AnnData(X=chunk.matrix, obs=obs, var=var)
         metrics, _ = sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=False)
         parts.append(metrics[["total_counts", "n_genes_by_counts", "pct_counts_mt"]])
@@ -68,8 +70,10 @@ def compute_qc_metrics(reader: H5adCounts, *, chunk_size: int = 2048) -> pd.Data
     return table
 
 
-def apply_thresholds(metrics: pd.DataFrame, thresholds: QCThresholds, obs: pd.DataFrame) -> pd.Series:
-    """``filter_pass`` (1/0): all thresholds hold and the input's own ``filter_pass`` (if any) is 1."""
+def apply_thresholds(
+    metrics: pd.DataFrame, thresholds: QCThresholds, input_pass: np.ndarray | None = None
+) -> pd.Series:
+    """``filter_pass`` (1/0): all thresholds hold and the input's own ``filter_pass`` (if given) is true."""
     ok = np.ones(len(metrics), dtype=bool)
     checks = [
         ("total_counts", thresholds.min_counts, np.greater_equal),
@@ -81,8 +85,8 @@ def apply_thresholds(metrics: pd.DataFrame, thresholds: QCThresholds, obs: pd.Da
     for column, limit, compare in checks:
         if limit is not None:
             ok &= compare(metrics[column].to_numpy(), limit)
-    if "filter_pass" in obs.columns:
-        ok &= obs["filter_pass"].to_numpy() == 1
+    if input_pass is not None:
+        ok &= input_pass
     return pd.Series(ok.astype(np.int8), index=metrics.index, name="filter_pass")
 
 
@@ -96,11 +100,18 @@ def run_qc(
     summary_json: str | Path | None = None,
     plot: str | Path | None = None,
     chunk_size: int = 2048,
+    overwrite: bool = True,
 ) -> dict:
-    """QC one file: write the per-cell table (with ``filter_pass``), a JSON summary and a plot."""
+    """QC one file: write the per-cell table (with ``filter_pass``), a JSON summary and a plot.
+
+    The outputs appear together (the summary, when asked for, last) or not at all; see ``_atomic.atomic_files``.
+    """
+    outputs = [Path(p) for p in (out_table, plot, summary_json) if p]
+    check_outputs(outputs, inputs=[path], overwrite=overwrite)
     with H5adCounts(path, counts=counts, gene_id_key=gene_id_key) as reader:
+        input_pass = filter_pass(reader) if "filter_pass" in reader.obs_columns else None  # checked first
         metrics = compute_qc_metrics(reader, chunk_size=chunk_size)
-        metrics["filter_pass"] = apply_thresholds(metrics, thresholds, reader.obs)
+        metrics["filter_pass"] = apply_thresholds(metrics, thresholds, input_pass)
     summary = {
         "source": str(path),
         "n_cells": len(metrics),
@@ -112,12 +123,12 @@ def run_qc(
         "thresholds": asdict(thresholds),
     }
     log.info("%s: %d of %d cells pass QC", path, summary["n_cells_kept"], summary["n_cells"])
-    with atomic_path(out_table) as tmp:
-        metrics.to_csv(tmp, sep="\t", float_format="%.6g")
-    if summary_json:
-        write_json_atomic(summary_json, summary)
-    if plot:
-        plot_qc(metrics, thresholds, plot, title=Path(path).name)
+    with atomic_files(outputs, inputs=[path], overwrite=overwrite) as tmp:
+        metrics.to_csv(tmp[0], sep="\t", float_format="%.6g")
+        if plot:
+            plot_qc(metrics, thresholds, tmp[1], title=Path(path).name)
+        if summary_json:
+            tmp[-1].write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -146,6 +157,5 @@ def plot_qc(metrics: pd.DataFrame, thresholds: QCThresholds, out: str | Path, *,
         ax.set(xlabel=label, ylabel="cells")
     fig.suptitle(f"{title}: {kept.sum()} of {kept.size} cells kept")
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=Path(out).suffix.lstrip(".") or "png", dpi=100)
+    fig.savefig(out, format=Path(out).suffix.lstrip(".") or "png", dpi=100)
     plt.close(fig)

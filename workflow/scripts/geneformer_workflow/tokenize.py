@@ -14,6 +14,8 @@ and counted; the file is streamed in row chunks, so memory does not grow with th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pickle
 from collections.abc import Mapping
@@ -22,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from geneformer_workflow._atomic import atomic_path, write_json_atomic
+from geneformer_workflow._atomic import atomic_files, check_outputs
 from geneformer_workflow._cells import cells_to_keep, load_cell_filter, require_some_cells
-from geneformer_workflow._corpus import CorpusWriter, validation_mask
+from geneformer_workflow._corpus import CORPUS_COLUMNS, ChunkCounts, CorpusWriter, validation_mask
 from geneformer_workflow._gene_ranker import GeneRanker
 from geneformer_workflow._genes import map_gene_ids, normalize_gene_ids, report_duplicates
 from geneformer_workflow._io import H5adCounts, InputError
+from geneformer_workflow._parquet import DEFAULT_ENCODING
 from geneformer_workflow.presets import CLS, EOS, Preset
 from geneformer_workflow.vocab import token_dictionary_sha256
 
@@ -38,7 +41,7 @@ __all__ = ["CorpusPaths", "GeneRanker", "TokenizeStats", "tokenize_h5ad", "valid
 
 @dataclass
 class CorpusPaths:
-    """The files written for one tokenized input."""
+    """The files written for one tokenized input (one shard): the parquet corpus and its side files."""
 
     parquet: Path
     lengths_npy: Path
@@ -47,10 +50,18 @@ class CorpusPaths:
 
     @classmethod
     def beside(cls, parquet: str | Path) -> CorpusPaths:
-        """``X.parquet`` → ``X.lengths.npy``, ``X.lengths.pkl``, ``X.manifest.json``."""
+        """``X.parquet`` → ``X.lengths.npy``, ``X.lengths.pkl``, ``X.manifest.json``.
+
+        Only a ``.parquet`` suffix is replaced: ``donor.1`` gets ``donor.1.lengths.npy``, so outputs that differ
+        only after their last dot never share side files.
+        """
         parquet = Path(parquet)
-        stem = parquet.with_suffix("")
+        stem = parquet.with_suffix("") if parquet.suffix == ".parquet" else parquet
         return cls(parquet, Path(f"{stem}.lengths.npy"), Path(f"{stem}.lengths.pkl"), Path(f"{stem}.manifest.json"))
+
+    def all(self) -> list[Path]:
+        """The files in commit order: the manifest, which readers require, last."""
+        return [self.parquet, self.lengths_npy, self.lengths_pkl, self.manifest]
 
 
 @dataclass
@@ -87,6 +98,8 @@ def tokenize_h5ad(
     chunk_size: int = 2048,
     rows: tuple[int, int] | None = None,
     threads: int | None = None,
+    overwrite: bool = True,
+    parquet_encoding: str = DEFAULT_ENCODING,
 ) -> TokenizeStats:
     """Tokenize one file (or its rows ``rows[0]:rows[1]``) into ``out_parquet`` (+ lengths, manifest), atomically.
 
@@ -97,13 +110,21 @@ def tokenize_h5ad(
     one encodes the previous one into parquet (each ~1/3 of the work with AVX-512; h5py, numpy and
     pyarrow release the GIL). ``threads`` above 2 adds ``threads - 2`` ranking threads, for CPUs where
     ranking dominates; the output never depends on it.
+
+    The four output files appear together or not at all (``_atomic.atomic_files``, the manifest last); an
+    existing output is replaced only with ``overwrite``, and never when it is the input or a directory.
     """
     if preset.special_tokens and not (CLS in token_dictionary and EOS in token_dictionary):
         msg = f"preset {preset.name} needs <cls> and <eos> in the token dictionary (use a v2 vocabulary)"
         raise InputError(msg)
+    if not 0 <= validation_fraction < 1:  # also NaN
+        msg = f"validation_fraction must be in [0, 1), got {validation_fraction}"
+        raise InputError(msg)
     out = CorpusPaths.beside(out_parquet)
+    check_outputs(out.all(), inputs=[path, cell_filter], overwrite=overwrite)
+    obs_columns = check_obs_columns(obs_columns or [])
     with H5adCounts(path, counts=counts, gene_id_key=gene_id_key) as reader:
-        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping, source=reader.path))
+        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping, source=reader.path), source=reader.path)
         report_duplicates(reader.path, ids)
         ranker = GeneRanker(ids, token_dictionary, gene_medians)
         start, stop = _check_rows(rows, reader)
@@ -128,15 +149,82 @@ def tokenize_h5ad(
         require_some_cells(reader, keep)
         stats.n_cells_filtered = int((~keep[start:stop]).sum())
         workers = max(0, (threads or 2) - 2)
-        writer = CorpusWriter(reader, ranker, keep, preset, token_dictionary, list(obs_columns or []), threads=workers)
-        lengths, counts = writer.write(out.parquet, validation_fraction, chunk_size, rows=(start, stop))
+        writer = CorpusWriter(
+            reader, ranker, keep, preset, token_dictionary, obs_columns, threads=workers, encoding=parquet_encoding
+        )
+        with atomic_files(out.all(), inputs=[path, cell_filter], overwrite=overwrite) as tmp_files:
+            tmp = CorpusPaths(*tmp_files)
+            write_id = _write_id(
+                path,
+                cell_filter,
+                token_dictionary,
+                gene_medians,
+                preset=preset.name,
+                counts=counts,
+                gene_id_key=gene_id_key,
+                gene_mapping=sorted((gene_mapping or {}).items()),
+                obs_columns=obs_columns,
+                validation_fraction=validation_fraction,
+                rows=[start, stop],
+                parquet_encoding=parquet_encoding,
+            )
+            lengths, counts = writer.write(
+                tmp.parquet, validation_fraction, chunk_size, rows=(start, stop), write_id=write_id
+            )
+            _fill_stats(stats, lengths, counts, path)
+            _write_sidecars(tmp, out, lengths, stats, preset, token_dictionary, path, validation_fraction, write_id)
+    return stats
+
+
+def _write_id(
+    source: str | Path,
+    cell_filter: str | Path | None,
+    tokens: dict[str, int],
+    medians: Mapping[str, float],
+    **options: object,
+) -> str:
+    """A digest of everything a shard depends on: inputs (size, mtime), vocabulary, medians and options.
+
+    Stored in the parquet's metadata and in its manifest, it ties the two to one write. It is deterministic,
+    so rerunning a command on unchanged inputs gives byte-identical files.
+    """
+    hasher = hashlib.sha256()
+    for file in (source, cell_filter):
+        stat = Path(file).stat() if file is not None else None
+        hasher.update(f"{stat.st_size}:{stat.st_mtime_ns};".encode() if stat else b"none;")
+    hasher.update(token_dictionary_sha256(tokens).encode())
+    hasher.update(json.dumps(sorted((str(k), float(v)) for k, v in medians.items())).encode())
+    hasher.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return hasher.hexdigest()[:32]
+
+
+def check_obs_columns(columns: list[str]) -> list[str]:
+    """The obs columns to keep, refusing names of the corpus's own columns and repeats.
+
+    Raises:
+        InputError: naming the clashing columns and the fix.
+    """
+    clashes = sorted(set(columns) & set(CORPUS_COLUMNS))
+    if clashes:
+        msg = (
+            f"obs column(s) {clashes} cannot be kept in the corpus: {list(CORPUS_COLUMNS)} are the corpus's own "
+            "columns (a table with two columns of one name cannot be read by pandas, datasets or the trainer); "
+            "rename them in the AnnData obs, or leave them out of --obs-columns / tokenize.obs_columns"
+        )
+        raise InputError(msg)
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        msg = f"obs column(s) {repeated} are listed more than once in --obs-columns / tokenize.obs_columns"
+        raise InputError(msg)
+    return list(columns)
+
+
+def _fill_stats(stats: TokenizeStats, lengths: np.ndarray, counts: ChunkCounts, path: str | Path) -> None:
     stats.n_cells_empty, stats.n_validation = counts.n_cells_empty, counts.n_validation
     stats.counts_total, stats.counts_in_vocabulary = counts.counts_total, counts.counts_in_vocabulary
     stats.n_cells, stats.n_tokens = int(lengths.size), int(lengths.sum())
     if stats.n_cells_empty:
         log.warning("%s: dropped %d cells with no vocabulary gene expressed", path, stats.n_cells_empty)
-    _write_sidecars(out, lengths, stats, preset, token_dictionary, path, validation_fraction)
-    return stats
 
 
 def _check_rows(rows: tuple[int, int] | None, reader: H5adCounts) -> tuple[int, int]:
@@ -150,6 +238,7 @@ def _check_rows(rows: tuple[int, int] | None, reader: H5adCounts) -> tuple[int, 
 
 
 def _write_sidecars(
+    tmp: CorpusPaths,
     out: CorpusPaths,
     lengths: np.ndarray,
     stats: TokenizeStats,
@@ -157,15 +246,19 @@ def _write_sidecars(
     tokens: dict[str, int],
     source: str | Path,
     validation_fraction: float,
+    write_id: str,
 ) -> None:
-    with atomic_path(out.lengths_npy) as tmp, open(tmp, "wb") as fh:
+    """Lengths (npy, Geneformer's pickle) and the manifest, into the temporary paths ``tmp``."""
+    with open(tmp.lengths_npy, "wb") as fh:
         np.save(fh, lengths)
-    with atomic_path(out.lengths_pkl) as tmp, open(tmp, "wb") as fh:
+    with open(tmp.lengths_pkl, "wb") as fh:
         # Geneformer's pretrainer reads `example_lengths_file` as a pickled list of ints.
         pickle.dump([int(x) for x in lengths], fh, protocol=4)
     manifest = {
         "source": str(source),
         "corpus": out.parquet.name,
+        "write_id": write_id,  # also in the parquet's metadata: ties the manifest to its file (see _write_id)
+        "lengths": [out.lengths_npy.name, out.lengths_pkl.name],
         "preset": preset.name,
         "max_length": preset.max_length,
         "special_tokens": preset.special_tokens,
@@ -176,4 +269,4 @@ def _write_sidecars(
         "mean_length": float(lengths.mean()) if lengths.size else 0.0,
         "count_fraction_in_vocabulary": stats.counts_in_vocabulary / max(stats.counts_total, 1.0),
     }
-    write_json_atomic(out.manifest, manifest)
+    tmp.manifest.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -11,12 +11,12 @@ import json
 import logging
 import os
 import shutil
-import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from .._atomic import atomic_path
 from .bert import GeneformerForMaskedLM
 from .config import ModelConfig
 from .te import te_state_dict_to_hf
@@ -81,7 +81,8 @@ def save_hf_directory(
     Writes ``config.json`` (``BertConfig``, ``architectures=["BertForMaskedLM"]``) and ``model.safetensors``
     (HF BERT names, the model's dtype); with ``vocab_dir``, also copies every regular file in it (token dictionary,
     ``vocab.txt``, tokenizer files, ...). The directory is written under a temporary name next to ``out_dir`` and
-    renamed at the end, so a killed export never looks complete; an existing ``out_dir`` is replaced.
+    renamed at the end, so a killed export never looks complete; an existing ``out_dir`` is replaced only when
+    the export rewrites every file in it (an earlier export), never a directory holding other files.
 
     Args:
         model: The model to export (not sharded; for FSDP use ``save_hf_state_dict`` with a full state dict).
@@ -100,8 +101,14 @@ def save_hf_state_dict(
     out_dir: str | os.PathLike[str],
     *,
     vocab_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = True,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
 ) -> Path:
-    """``save_hf_directory`` for a full state dict (what FSDP ranks gather), with its ``ModelConfig``."""
+    """``save_hf_directory`` for a full state dict (what FSDP ranks gather), with its ``ModelConfig``.
+
+    The directory appears complete or not at all (``_atomic.atomic_path``); an existing one is replaced only with
+    ``overwrite`` and only when the export rewrites every file in it, never when it holds ``inputs``.
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -109,19 +116,18 @@ def save_hf_state_dict(
     _check_keys_and_shapes(tensors, _expected_shapes(config), source="the state dict to export")
     vocab_files = _list_vocab_files(vocab_dir) if vocab_dir is not None else []
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling_dir(out_dir, "tmp")
-    try:
+    with atomic_path(out_dir, inputs=[vocab_dir, *inputs], overwrite=overwrite, directory=True) as tmp:
+        tmp.mkdir()
         hf_config = config.to_hf_config()
-        hf_config.dtype = tensors["bert.embeddings.word_embeddings.weight"].dtype
+        dtype = tensors["bert.embeddings.word_embeddings.weight"].dtype
+        if hasattr(hf_config, "torch_dtype") and not hasattr(type(hf_config), "dtype"):
+            hf_config.torch_dtype = dtype  # transformers < 4.56: its config has no serialisable `dtype`
+        else:
+            hf_config.dtype = dtype
         hf_config.to_json_file(tmp / CONFIG_NAME)
         save_file(tensors, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})  # HF requires the "format" entry
         for path in vocab_files:
             shutil.copy2(path, tmp / path.name)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -241,22 +247,3 @@ def _list_vocab_files(vocab_dir: str | os.PathLike[str]) -> list[Path]:
         msg = f"vocab_dir {vocab_dir} contains {clashes}, which would overwrite the exported model files"
         raise ValueError(msg)
     return files
-
-
-def _sibling_dir(out_dir: Path, kind: str) -> Path:
-    """Create a new hidden directory next to ``out_dir`` (same file system, so renames are atomic; ``mkdir``
-    honours the umask, unlike ``tempfile.mkdtemp``'s 0700)."""
-    path = out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    return path
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then deleted."""
-    old = None
-    if out_dir.exists():
-        old = _sibling_dir(out_dir, "old")
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old)

@@ -33,12 +33,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .._atomic import fsync_dir, fsync_tree
+from ..corpus_index import INDEX_NAME, read_dataset_index, verify_shard
 from .checkpoint import describe_write_error
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("input_ids", "length")
-CACHE_FORMAT = 1  # bump when the cache layout changes
+CACHE_FORMAT = 2  # bump when the cache layout changes (2: content checksums)
 _TMP_DIR = re.compile(r"^\.tmp-(?P<fingerprint>[0-9a-f]{16})-(?P<host>.+)-(?P<pid>\d+)$")
 
 
@@ -52,6 +53,7 @@ class TokenStore:
 
     tokens: np.ndarray  # (total_tokens,) int32, usually a read-only memmap
     offsets: np.ndarray  # (n_cells + 1,) int64
+    content_sha256: str = ""  # content_sha256(tokens, offsets); "" when not computed
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)
@@ -67,25 +69,38 @@ class TokenStore:
 
 
 def resolve_corpus_files(spec: str | list[str] | tuple[str, ...]) -> list[Path]:
-    """Expand ``data.corpus`` (parquet files, directories of them, or globs) in the given order.
+    """Expand ``data.corpus`` (parquet files, dataset indexes, directories, or globs) in the given order.
 
-    Directories and globs expand to their ``*.parquet`` files in sorted order; a file listed
-    twice is kept once.
+    A ``dataset.json`` index (``gfw index``), or a directory holding one, gives exactly the shards it lists
+    (a shard left there by an earlier run is not read). A directory without an index and a glob expand to
+    their ``*.parquet`` files in sorted order. Every file written by ``gfw tokenize`` must be complete (its
+    manifest present and describing it); a file listed twice is kept once.
     """
     entries = [spec] if isinstance(spec, str) else list(spec)
     files: list[Path] = []
     for entry in entries:
         entry = str(entry)
         path = Path(entry)
-        if path.is_dir():
+        if (path.is_dir() and (path / INDEX_NAME).is_file()) or (path.is_file() and path.suffix == ".json"):
+            found = list(read_dataset_index(path).shards)
+        elif path.is_dir():
             found = sorted(path.glob("*.parquet"))
+            if found:
+                log.warning(
+                    "data.corpus: %s has no %s; reading all %d parquet files in it", path, INDEX_NAME, len(found)
+                )
         elif path.is_file():
             found = [path]
         else:
             found = sorted(Path(p) for p in glob.glob(entry, recursive=True) if Path(p).is_file())
         if not found:
-            msg = f"data.corpus entry {entry!r} matches no parquet file; give files, directories or globs"
+            msg = (
+                f"data.corpus entry {entry!r} matches no parquet file; give files, dataset.json indexes, "
+                "directories or globs"
+            )
             raise ValueError(msg)
+        for file in found:
+            verify_shard(file)
         files.extend(p.resolve() for p in found)
     return list(dict.fromkeys(files))
 
@@ -134,7 +149,7 @@ def _fill_split(
     max_id = -1
     offsets[0] = 0
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering would hold the whole file in memory
         columns = (
             ["input_ids", "length", "split"] if "split" in parquet.schema_arrow.names else ["input_ids", "length"]
         )
@@ -205,7 +220,20 @@ def _write_split(files: list[Path], split: str, role: str, out_dir: Path) -> dic
     with _writing(out_dir.parent):
         tokens.flush()
         np.save(out_dir / f"{role}.offsets.npy", offsets)
-    return {"cells": n_cells, "tokens": n_tokens, "max_token_id": max_id}
+    content = content_sha256(tokens, offsets)
+    return {"cells": n_cells, "tokens": n_tokens, "max_token_id": max_id, "content_sha256": content}
+
+
+def content_sha256(tokens: np.ndarray, offsets: np.ndarray, *, block: int = 1 << 24) -> str:
+    """SHA-256 of a split's cells: the int64 offsets, then the int32 tokens (little-endian), in corpus order.
+
+    Identifies the training data by what it is, not by file names or times: checkpoints record it, and a resume
+    on other cells (the same files with changed counts, another vocabulary or gene medians) is refused.
+    """
+    hasher = hashlib.sha256(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    for start in range(0, tokens.shape[0], block):  # blocks: a corpus never needs to fit in memory twice
+        hasher.update(np.ascontiguousarray(tokens[start : start + block], dtype="<i4").data)
+    return hasher.hexdigest()
 
 
 def _process_alive(pid: int) -> bool:
@@ -294,4 +322,4 @@ def open_split(cache_dir: Path, role: str, *, vocab_size: int) -> TokenStore:
         raise ValueError(msg)
     tokens = np.load(cache_dir / f"{role}.tokens.npy", mmap_mode="r")
     offsets = np.load(cache_dir / f"{role}.offsets.npy")
-    return TokenStore(tokens=tokens, offsets=offsets)
+    return TokenStore(tokens=tokens, offsets=offsets, content_sha256=manifest[role]["content_sha256"])

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,12 @@ class TrainingData:
     sampler: GlobalBatchSampler
     collator: Collator
     settings: DataSettings
+
+    @property
+    def content_sha256(self) -> str:
+        """The identity of the training data: a checksum over both splits' cells (see ``corpus.content_sha256``)."""
+        parts = f"train={self.train.content_sha256};validation={self.validation.content_sha256}"
+        return hashlib.sha256(parts.encode()).hexdigest()
 
     def train_micro_batches(self, step: int, rank: int) -> tuple[int, list[Batch]]:
         """``(epoch, micro-batches)`` of 0-based step ``step`` on ``rank``."""

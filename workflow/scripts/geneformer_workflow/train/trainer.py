@@ -70,6 +70,10 @@ from .vocab import load_vocab
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(ValueError):
+    """The newest checkpoint belongs to a run on another vocabulary or corpus; the message says how to start over."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the steps and the checkpoint kept."""
 
@@ -362,6 +366,8 @@ class Trainer:
             "seed": self.seed,
             "backend": self.backend,
             "vocab_dir": str(Path(self.cfg.data.vocab_dir).resolve()),
+            "token_dictionary_sha256": self.vocab.sha256,
+            "corpus_sha256": self.data.content_sha256,
             "train_cells": len(self.data.train),
             "window_batches": self.data.sampler.window_batches,
             "train_loss": self.last_train_loss,
@@ -407,7 +413,8 @@ class Trainer:
         self._reset_interval()
 
     def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
-        """The data order after resuming is the same only with the same seed, global batch and corpus."""
+        """Resume only the same run: same vocabulary and corpus content, seed, global batch and window."""
+        self._check_same_data(path, meta)
         expected = {
             "seed": ("seed", self.seed),
             "global_batch_size": (
@@ -426,6 +433,34 @@ class Trainer:
                     f"keep {config_key} as it was, or start a new run_dir"
                 )
                 raise ValueError(msg)
+
+    def _check_same_data(self, path: Path, meta: dict[str, Any]) -> None:
+        """A checkpoint trained on another vocabulary or other cells is never continued (issue 15).
+
+        Checkpoints older than these fields cannot be checked: they resume with a warning.
+        """
+        start_over = (
+            f"To train on the new data from scratch, move the old run away (e.g. `mv {self.run_dir} "
+            f"{self.run_dir}.old`) or set another run_dir; to continue the old run, restore the data it was "
+            "trained on"
+        )
+        vocab, corpus = meta.get("token_dictionary_sha256"), meta.get("corpus_sha256")
+        changes = {
+            "the vocabulary changed since it was trained (token dictionary checksum {then}… then, {now}… now in "
+            f"data.vocab_dir={self.cfg.data.vocab_dir}; e.g. tokenize.preset or vocabulary.* changed), so every "
+            "checkpoint of this run is for another vocabulary": (vocab, self.vocab.sha256),
+            "it was trained on other data (corpus content checksum {then}… then, {now}… now: the cells, their "
+            "counts, the gene medians or the QC changed)": (corpus, self.data.content_sha256),
+        }
+        for problem, (then, now) in changes.items():
+            if then is not None and then != now:
+                problem = problem.replace("{then}", then[:12]).replace("{now}", now[:12])  # no format(): paths
+                msg = f"cannot resume from {path}: {problem}. {start_over}"
+                raise CheckpointMismatchError(msg)
+        if vocab is None or corpus is None:
+            log.warning(
+                "%s predates corpus and vocabulary checksums: cannot check that it was trained on this data", path
+            )
 
     def finish(self) -> None:
         """Final validation, final checkpoint and ``final.json``."""

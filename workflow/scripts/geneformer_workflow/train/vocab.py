@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..vocab import token_dictionary_sha256
+
 TOKEN_DICTIONARY = "token_dictionary.json"
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
 
@@ -23,6 +25,7 @@ class Vocab:
         cls_id: Id of ``<cls>`` (V2 presets), else None.
         eos_id: Id of ``<eos>`` (V2 presets), else None.
         gene_ids: Every id that is not a special token, ascending: the pool for random replacement.
+        sha256: Checksum of the (token, id) pairs (as in the corpus manifests), recorded in checkpoints.
     """
 
     size: int
@@ -31,6 +34,7 @@ class Vocab:
     cls_id: int | None
     eos_id: int | None
     gene_ids: np.ndarray
+    sha256: str = ""  # token_dictionary_sha256 of the (token, id) pairs: the vocabulary's identity
 
     @property
     def special_ids(self) -> tuple[int, ...]:
@@ -68,4 +72,5 @@ def load_vocab(vocab_dir: str | Path) -> Vocab:
         cls_id=mapping.get("<cls>"),
         eos_id=mapping.get("<eos>"),
         gene_ids=gene_ids,
+        sha256=token_dictionary_sha256({str(k): int(v) for k, v in mapping.items()}),
     )

@@ -1,0 +1,258 @@
+"""Which shards make a dataset's corpus, and whether a shard is complete.
+
+A tokenized dataset is one or more shards (``shard-NNNN.parquet`` + lengths + manifest, written together by
+``gfw tokenize``) and an index, ``dataset.json``, written by ``gfw index`` (the workflow's ``index_dataset``
+rule) beside them::
+
+    results/tokenized/{dataset}/dataset.json           shards in order, cell/token counts, vocabulary checksum
+    results/tokenized/{dataset}/dataset.lengths.npy    every cell's length, in shard order (safe format)
+    results/tokenized/{dataset}/dataset.lengths.pkl    the same as Geneformer's ``example_lengths_file``
+
+Consumers (training, ``gfw embed``, ``gfw hf-dataset``) read exactly the shards an index lists, never a glob of
+the directory: a shard left from an earlier run with another ``tokenize.shard_cells`` is not part of the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geneformer_workflow._atomic import atomic_files
+from geneformer_workflow._genes import read_json_object
+from geneformer_workflow._io import InputError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "dataset.json"
+INDEX_FORMAT = 1
+WRITE_ID_KEY = b"geneformer_workflow.write_id"  # same key as _corpus.WRITE_ID_KEY (no pyarrow import here)
+# manifest fields that must agree between the shards of one corpus
+_SHARED_FIELDS = ("preset", "max_length", "special_tokens", "vocab_size", "token_dictionary_sha256")
+
+
+def manifest_path(parquet: str | Path) -> Path:
+    """The manifest written beside a shard by ``gfw tokenize`` (``X.parquet`` → ``X.manifest.json``)."""
+    parquet = Path(parquet)
+    stem = parquet.with_suffix("") if parquet.suffix == ".parquet" else parquet
+    return Path(f"{stem}.manifest.json")
+
+
+def _parquet_write_id(parquet: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(parquet).metadata or {}
+    except (OSError, ValueError) as err:
+        msg = f"{parquet}: not a readable parquet file ({err})"
+        raise InputError(msg) from err
+    value = metadata.get(WRITE_ID_KEY)
+    return value.decode() if value is not None else None
+
+
+def verify_shard(parquet: str | Path) -> dict[str, Any] | None:
+    """The manifest of a corpus shard, after checking that it describes this very file.
+
+    Returns None for a parquet file that ``gfw tokenize`` did not write (no write id in its metadata: a
+    user's own corpus, or one from an earlier version), which is accepted as it is.
+
+    Raises:
+        InputError: the shard was cut short (no manifest: a killed or failed ``gfw tokenize``), or its manifest
+            belongs to another write of the same path.
+    """
+    parquet = Path(parquet)
+    write_id = _parquet_write_id(parquet)
+    if write_id is None:
+        return None
+    manifest_file = manifest_path(parquet)
+    if not manifest_file.is_file():
+        msg = (
+            f"{parquet}: incomplete corpus shard: its manifest {manifest_file.name} is missing (a tokenize run was "
+            "killed or failed while writing it); rerun the tokenize step (Snakemake: --rerun-incomplete)"
+        )
+        raise InputError(msg)
+    manifest = _read_json(manifest_file, "shard manifest")
+    if manifest.get("write_id") != write_id:
+        msg = (
+            f"{parquet}: its manifest {manifest_file.name} describes another write of this file (write ids "
+            f"{manifest.get('write_id')} != {write_id}); rerun the tokenize step for it"
+        )
+        raise InputError(msg)
+    return manifest
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file, with errors that name the file (``InputError``)."""
+    try:
+        return read_json_object(path, what, "{...}")
+    except OSError as err:
+        msg = f"{path}: cannot read the {what} ({err})"
+        raise InputError(msg) from err
+    except ValueError as err:
+        raise InputError(str(err)) from err
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """A dataset's corpus: its shards in order and what their manifests say."""
+
+    path: Path
+    shards: tuple[Path, ...]
+    info: dict[str, Any]
+
+    @property
+    def lengths_npy(self) -> Path:
+        """Every cell's length in shard order (``np.load``)."""
+        return self.path.parent / self.info["lengths"][0]
+
+    @property
+    def lengths_pkl(self) -> Path:
+        """The same lengths as Geneformer's ``example_lengths_file`` (a pickled list of ints)."""
+        return self.path.parent / self.info["lengths"][1]
+
+
+def index_paths(index: str | Path) -> list[Path]:
+    """``dataset.json`` → ``[dataset.lengths.npy, dataset.lengths.pkl, dataset.json]`` (commit order)."""
+    index = Path(index)
+    stem = index.with_suffix("") if index.suffix == ".json" else index
+    return [Path(f"{stem}.lengths.npy"), Path(f"{stem}.lengths.pkl"), index]
+
+
+def write_dataset_index(shards: list[Path], index: str | Path, *, overwrite: bool = True) -> DatasetIndex:
+    """Check the shards of one dataset belong together and write its index and lengths files, atomically.
+
+    Shards are stored by name relative to the index's directory when they are inside it, so the
+    directory can be moved or copied.
+
+    Raises:
+        InputError: a shard is incomplete, or the shards were tokenized with different vocabularies or presets.
+    """
+    index = Path(index)
+    if not shards:
+        msg = f"{index}: a dataset index needs at least one shard"
+        raise InputError(msg)
+    manifests = []
+    for shard in shards:
+        manifest = verify_shard(shard)
+        if manifest is None:
+            msg = f"{shard}: has no write id; only shards written by this version of `gfw tokenize` can be indexed"
+            raise InputError(msg)
+        manifests.append(manifest)
+    for field in _SHARED_FIELDS:
+        values = {json.dumps(m.get(field)) for m in manifests}
+        if len(values) > 1:
+            msg = f"{index}: its shards disagree on {field} ({sorted(values)}); tokenize them with one vocabulary"
+            raise InputError(msg)
+    lengths = np.concatenate(
+        [np.load(_lengths_file(s, m), allow_pickle=False) for s, m in zip(shards, manifests, strict=True)]
+    )
+    lengths = lengths.astype(np.int32)
+    expected = sum(int(m["n_cells"]) for m in manifests)
+    if lengths.size != expected:
+        msg = f"{index}: the shards' lengths files hold {lengths.size} cells but their manifests {expected}"
+        raise InputError(msg)
+    npy, pkl, _ = index_paths(index)
+    info = {
+        "format": INDEX_FORMAT,
+        "shards": [_relative(s, index.parent) for s in shards],
+        "lengths": [npy.name, pkl.name],
+        **{field: manifests[0].get(field) for field in _SHARED_FIELDS},
+        "n_cells": expected,
+        "n_validation": sum(int(m.get("n_validation", 0)) for m in manifests),
+        "n_tokens": sum(int(m["n_tokens"]) for m in manifests),
+        "write_ids": [m["write_id"] for m in manifests],
+    }
+    with atomic_files(index_paths(index), inputs=shards, overwrite=overwrite) as (tmp_npy, tmp_pkl, tmp_index):
+        with open(tmp_npy, "wb") as fh:
+            np.save(fh, lengths)
+        with open(tmp_pkl, "wb") as fh:
+            pickle.dump([int(x) for x in lengths], fh, protocol=4)  # Geneformer's example_lengths_file
+        tmp_index.write_text(json.dumps(info, indent=2) + "\n")
+    _warn_stale_shards(index, shards)
+    return DatasetIndex(index, tuple(Path(s) for s in shards), info)
+
+
+def _lengths_file(shard: Path, manifest: dict[str, Any]) -> Path:
+    names = manifest.get("lengths") or []
+    return shard.parent / names[0] if names else manifest_path(shard).with_name(f"{shard.stem}.lengths.npy")
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _warn_stale_shards(index: Path, shards: list[Path]) -> None:
+    """Name parquet files beside the index that are not part of it (left by an earlier run); never delete them."""
+    listed = {s.resolve() for s in shards}
+    stale = sorted(p.name for p in index.parent.glob("*.parquet") if p.resolve() not in listed)
+    if stale:
+        log.warning(
+            "%s: %d parquet file(s) in %s are not part of this dataset and are not used: %s (left by an earlier "
+            "run, e.g. with another tokenize.shard_cells; delete them if you do not need them)",
+            index.name,
+            len(stale),
+            index.parent,
+            ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else ""),
+        )
+
+
+def read_dataset_index(path: str | Path) -> DatasetIndex:
+    """Read ``dataset.json`` (or a directory holding one) and check that each listed shard is complete.
+
+    Raises:
+        InputError: the index is unreadable, a shard is missing or incomplete, or it was rewritten since.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    info = _read_json(path, "dataset index")
+    if info.get("format") != INDEX_FORMAT or not isinstance(info.get("shards"), list):
+        msg = f"{path}: not a dataset index of format {INDEX_FORMAT} (written by `gfw index`)"
+        raise InputError(msg)
+    shards = tuple(path.parent / s for s in info["shards"])
+    for shard, write_id in zip(shards, info.get("write_ids") or [None] * len(shards), strict=False):
+        if not shard.is_file():
+            msg = f"{path}: lists the shard {shard}, which does not exist; rerun the tokenize steps"
+            raise InputError(msg)
+        manifest = verify_shard(shard)
+        if write_id is not None and (manifest or {}).get("write_id") != write_id:
+            msg = f"{path}: the shard {shard.name} was rewritten after the index was made; rerun `gfw index`"
+            raise InputError(msg)
+    return DatasetIndex(path, shards, info)
+
+
+def resolve_corpus_inputs(entries: list[str | Path]) -> list[Path]:
+    """Parquet files from a list of parquet files, ``dataset.json`` indexes and directories holding one.
+
+    A directory without an index is refused: a glob would also pick up stale shards.
+
+    Raises:
+        InputError: naming the entry that is neither.
+    """
+    files: list[Path] = []
+    for entry in map(Path, entries):
+        if entry.is_dir() and (entry / INDEX_NAME).is_file():
+            files.extend(read_dataset_index(entry).shards)
+        elif entry.is_file() and entry.suffix == ".json":
+            files.extend(read_dataset_index(entry).shards)
+        elif entry.is_file():
+            verify_shard(entry)
+            files.append(entry)
+        elif entry.is_dir():
+            msg = (
+                f"{entry}: a directory without {INDEX_NAME}; pass its shard files, or write the index with "
+                f"`gfw index {entry}/shard-*.parquet -o {entry}/{INDEX_NAME}`"
+            )
+            raise InputError(msg)
+        else:
+            msg = f"{entry}: no such corpus file, dataset index or directory"
+            raise InputError(msg)
+    return list(dict.fromkeys(files))
