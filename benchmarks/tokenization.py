@@ -26,6 +26,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def timed_write(self, *args, **kwargs):  # the streaming loop: read, rank, encod
 _corpus.CorpusWriter.write = timed_write
 h5ad, out, tokens, medians, threads = sys.argv[1:6]
 args = ["tokenize", h5ad, out, "--token-dictionary", tokens, "--gene-medians", medians, "--preset", "v1"]
-status = main(args + (["--threads", threads] if int(threads) else []))
+status = main(args + ["--overwrite"] + (["--threads", threads] if int(threads) else []))
+if status:
+    sys.exit(f"gfw tokenize exited with {status}")
 print(json.dumps({**loop, "status": status, "rss_mb": peak_rss_mb()}))
 """
 
@@ -113,7 +116,7 @@ def main() -> None:
     parser.add_argument("--big-cells", type=int, default=0, help="also run ours on a file this large (0 = skip)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every command; the table shows medians")
     parser.add_argument("--threads", type=int, default=0, help="ours' --threads (0 = its default, 2)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/gfw-bench"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gfw-bench")
     parser.add_argument("--dictionaries", type=Path, default=REPO.parent / "shared" / "geneformer-dictionaries")
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()

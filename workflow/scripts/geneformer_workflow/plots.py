@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._atomic import atomic_path, check_outputs, write_text_atomic
+from ._atomic import atomic_files, atomic_path, check_outputs, write_text_atomic
 from ._run_dir import FINAL_FILE, METRICS_FILE, CheckpointError, final_checkpoint, read_jsonl
 
 __all__ = [
@@ -59,7 +59,12 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, out: str | Path, **savefig: Any) -> None:
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=Path(out).suffix.lstrip(".") or "png", dpi=100, **savefig)
+        _save_to(fig, tmp, **savefig)
+
+
+def _save_to(fig: Any, out: Path, **savefig: Any) -> None:
+    """Write and close ``fig``; the format follows ``out``'s suffix."""
+    fig.savefig(out, format=out.suffix.lstrip(".") or "png", dpi=100, **savefig)
     _pyplot().close(fig)
 
 
@@ -200,7 +205,15 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 
 
 def plot_training_curves(run_dir: str | Path, loss_out: str | Path, throughput_out: str | Path) -> None:
-    """Loss (train and validation) and learning rate; throughput and step time, against the optimizer step."""
+    """Loss (train and validation) and learning rate; throughput and step time, against the optimizer step.
+
+    The two figures appear together or not at all (``_atomic.atomic_files``).
+    """
+    with atomic_files([loss_out, throughput_out], inputs=[run_dir]) as (tmp_loss, tmp_throughput):
+        _plot_training_curves(run_dir, tmp_loss, tmp_throughput)
+
+
+def _plot_training_curves(run_dir: str | Path, loss_out: Path, throughput_out: Path) -> None:
     metrics = read_metrics(run_dir)
     vocab_size = _vocab_size(Path(run_dir))
     plt = _pyplot()
@@ -214,7 +227,7 @@ def plot_training_curves(run_dir: str | Path, loss_out: str | Path, throughput_o
     _line(ax_lr, metrics, "train/learning_rate", "learning rate", "tab:green")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate schedule")
     fig.tight_layout()
-    _save(fig, loss_out)
+    _save_to(fig, loss_out)
 
     fig, (ax_tps, ax_time) = plt.subplots(1, 2, figsize=(12, 4))
     _line(ax_tps, metrics, "train/unpadded_tokens_per_second", "real tokens / s (all ranks)", "tab:blue")
@@ -226,7 +239,7 @@ def plot_training_curves(run_dir: str | Path, loss_out: str | Path, throughput_o
     ax_time.set(xlabel="step", ylabel="seconds per optimizer step", title="step time")
     ax_time.set_ylim(bottom=0)
     fig.tight_layout()
-    _save(fig, throughput_out)
+    _save_to(fig, throughput_out)
 
 
 def _line(ax: Any, metrics: pd.DataFrame, key: str, label: str, color: str, **style: Any) -> None:
