@@ -94,7 +94,8 @@ COMMANDS: dict[str, Cover] = {
     ".venv/bin/snakemake --profile profiles/slurm --config model=4b": Cover("dry-run", (SLURM_RUN,), CLUSTER),
     "pytest -m slurm": Cover("pytest", (SLURM_RUN,), CLUSTER),
     # README.md: benchmarks (minutes each)
-    "python benchmarks/tokenization.py --repeat 9 --big-cells 100000": Cover("help", why="a benchmark, minutes"),
+    "python benchmarks/tokenization.py --repeat 7 --big-cells 100000": Cover("help", why="a benchmark, minutes"),
+    "python benchmarks/parquet_encoding.py": Cover("help", why="a benchmark, minutes"),
     "python benchmarks/batching.py --threads 1": Cover("help", why="a benchmark, minutes"),
     "python benchmarks/model_cpu.py": Cover("help", why="a benchmark, minutes"),
     # README.md: troubleshooting
