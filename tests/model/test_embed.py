@@ -11,6 +11,7 @@ Two references, both from ``transformers.BertForMaskedLM``/``BertModel`` loaded 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -272,18 +273,9 @@ def tokenized(tmp_path_factory):
 
 
 @pytest.fixture
-def tokenized_model(tokenized, tmp_path):
+def tokenized_model(tokenized, tiny_cfg, tmp_path):
     """A random 2-layer model over the tokenized dataset's vocabulary, exported with its token dictionary."""
-    cfg = ModelConfig(
-        vocab_size=len(tokenized.tokens),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    cfg = dataclasses.replace(tiny_cfg, vocab_size=len(tokenized.tokens), max_position_embeddings=64)
     torch.manual_seed(0)
     return save_hf_directory(GeneformerForMaskedLM(cfg).eval(), tmp_path / "export", vocab_dir=tokenized.vocab_dir)
 

@@ -232,3 +232,14 @@ def test_temporaries_of_a_live_writer_are_kept_and_of_a_dead_one_removed(tmp_pat
         path.mkdir()
     _atomic.write_text_atomic(target, "x")
     assert live.exists() and other_host.exists() and not dead.exists()
+
+
+def test_a_shard_without_write_id_cannot_be_indexed_and_the_message_says_how_to_redo_it(project, capsys):
+    """A shard of an older gfw (no write id, so no way to tie it to its manifest) is refused by name."""
+    out = project / "old" / "shard-0000.parquet"
+    assert tokenize(project, out) == 0
+    table = pq.read_table(out)
+    pq.write_table(table.replace_schema_metadata(None), out)  # as the previous version wrote it
+    code = gfw(["index", str(out), "-o", str(project / "old" / "dataset.json")])
+    refused(capsys, code, "has no write id", "--forcerun tokenize_dataset")
+    assert not (project / "old" / "dataset.json").exists()

@@ -57,6 +57,7 @@ def test_dry_run_through_the_slurm_profile_needs_no_slurm():
         ({"gene_mapping": "nope.tsv"}, "config 'gene_mapping': nope.tsv does not exist"),
         ({"tokenize": {"obs_columns": ["split"]}}, "['split'] are the corpus's own column names"),
         ({"tokenize": {"obs_columns": ["a", "a"]}}, "lists a column twice"),
+        ({"embed": {"layer": -1}}, "config 'embed.layer' (-1) was replaced: set embed.hidden_state"),
     ],
     ids=[
         "unknown-model",
@@ -68,6 +69,7 @@ def test_dry_run_through_the_slurm_profile_needs_no_slurm():
         "missing-mapping",
         "obs-column-clash",
         "obs-column-twice",
+        "old-embed-layer",
     ],
 )
 def test_bad_config_is_rejected_before_any_job(tmp_path, overrides, message):

@@ -11,6 +11,12 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+if "layer" in config.get("embed", {}):  # renamed: a bare layer number meant another layer than Geneformer's
+    raise ValueError(
+        f"config 'embed.layer' ({config['embed']['layer']}) was replaced: set embed.hidden_state to the same number "
+        "to keep that layer (-1 = the last), or remove it to use embed.geneformer_emb_layer: -1 (the second-to-last "
+        "layer, as Geneformer's EmbExtractor default); see config/README.md"
+    )
 validate(config, "../schemas/config.schema.yaml")
 
 class MachineLocal:

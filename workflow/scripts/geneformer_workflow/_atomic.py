@@ -106,11 +106,16 @@ def _writer_alive(tmp_name: str) -> bool:
     host, _, pid = owner.rpartition("-")
     if host != _HOST or not pid.isdigit():
         return True  # another machine's (shared file system) or an unknown format: leave it alone
+    return pid_alive(int(pid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (when in doubt: yes)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:  # e.g. EPERM: it exists but belongs to another user
         return True
     return True
 
@@ -230,11 +235,14 @@ def atomic_files(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_NO_SPACE = {
+# errno values that mean "out of space", and how messages name them (also used for checkpoints and the cache).
+NO_SPACE = {
     errno.ENOSPC: "no space left on device (disk full)",
     errno.EDQUOT: "disk quota exceeded (disk full for this user)",
-    errno.EFBIG: "a file grew past the file size limit (see `ulimit -f`)",
+    errno.EFBIG: "a file grew past the file size limit (File too large; see `ulimit -f`)",
 }
+# Less free space than this after a write failed without an errno means the disk is full.
+FULL_BELOW_BYTES = 16 * 2**20
 _SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")  # numpy's message for a short write (errno unset)
 
 
@@ -246,13 +254,13 @@ def describe_os_error(err: OSError, output: PathLike | None = None) -> str:
     full disk.
     """
     text = str(err)
-    if err.errno in _NO_SPACE:
-        return f"{_NO_SPACE[err.errno]}: {text}"
+    if err.errno in NO_SPACE:
+        return f"{NO_SPACE[err.errno]}: {text}"
     free = None
     if output is not None:
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(next(p for p in (Path(output), *Path(output).parents) if p.exists())).free
-    if _SHORT_WRITE.match(text) or (err.errno is None and free is not None and free < 16 * 2**20):
+    if _SHORT_WRITE.match(text) or (err.errno is None and free is not None and free < FULL_BELOW_BYTES):
         where = f" ({free / 2**20:.1f} MiB free where {output} is written)" if free is not None else ""
         return f"the disk is probably full{where}: a write was cut short ({text}); free space and rerun"
     return text

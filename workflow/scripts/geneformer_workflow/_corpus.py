@@ -23,6 +23,7 @@ from geneformer_workflow._gene_ranker import GeneRanker
 from geneformer_workflow._h5frame import ColumnParts
 from geneformer_workflow._io import H5adCounts, InputError, RawChunk
 from geneformer_workflow._parquet import DEFAULT_ENCODING, ParquetSink
+from geneformer_workflow.corpus_index import WRITE_ID_KEY
 from geneformer_workflow.presets import CLS, EOS, Preset
 from geneformer_workflow.progress import Progress
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 _SPLITS = strings(["train", "validation"])
 CORPUS_COLUMNS = ("input_ids", "length", "cell_id", "split")  # obs columns kept beside them need other names
-WRITE_ID_KEY = b"geneformer_workflow.write_id"  # parquet key-value metadata; the manifest holds the same id
 
 
 class TokenBuffers:

@@ -226,7 +226,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.command == "qc":
         outputs = [args.output, args.summary, args.plot]
     elif args.command == "tokenize":
-        from geneformer_workflow.tokenize import CorpusPaths
+        from geneformer_workflow.corpus_index import CorpusPaths
 
         outputs = CorpusPaths.beside(args.output).all()
     elif args.command == "index":

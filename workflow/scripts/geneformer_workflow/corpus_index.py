@@ -14,6 +14,7 @@ the directory: a shard left from an earlier run with another ``tokenize.shard_ce
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import pickle
@@ -31,16 +32,39 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "dataset.json"
 INDEX_FORMAT = 1
-WRITE_ID_KEY = b"geneformer_workflow.write_id"  # same key as _corpus.WRITE_ID_KEY (no pyarrow import here)
+WRITE_ID_KEY = b"geneformer_workflow.write_id"  # parquet key-value metadata; the manifest holds the same id
 # manifest fields that must agree between the shards of one corpus
 _SHARED_FIELDS = ("preset", "max_length", "special_tokens", "vocab_size", "token_dictionary_sha256")
 
 
+@dataclass
+class CorpusPaths:
+    """The files written for one tokenized input (one shard): the parquet corpus and its side files."""
+
+    parquet: Path
+    lengths_npy: Path
+    lengths_pkl: Path
+    manifest: Path
+
+    @classmethod
+    def beside(cls, parquet: str | Path) -> CorpusPaths:
+        """``X.parquet`` → ``X.lengths.npy``, ``X.lengths.pkl``, ``X.manifest.json``.
+
+        Only a ``.parquet`` suffix is replaced: ``donor.1`` gets ``donor.1.lengths.npy``, so outputs that differ
+        only after their last dot never share side files.
+        """
+        parquet = Path(parquet)
+        stem = parquet.with_suffix("") if parquet.suffix == ".parquet" else parquet
+        return cls(parquet, Path(f"{stem}.lengths.npy"), Path(f"{stem}.lengths.pkl"), Path(f"{stem}.manifest.json"))
+
+    def all(self) -> list[Path]:
+        """The files in commit order: the manifest, which readers require, last."""
+        return [self.parquet, self.lengths_npy, self.lengths_pkl, self.manifest]
+
+
 def manifest_path(parquet: str | Path) -> Path:
     """The manifest written beside a shard by ``gfw tokenize`` (``X.parquet`` → ``X.manifest.json``)."""
-    parquet = Path(parquet)
-    stem = parquet.with_suffix("") if parquet.suffix == ".parquet" else parquet
-    return Path(f"{stem}.manifest.json")
+    return CorpusPaths.beside(parquet).manifest
 
 
 def _parquet_write_id(parquet: Path) -> str | None:
@@ -140,7 +164,11 @@ def write_dataset_index(shards: list[Path], index: str | Path, *, overwrite: boo
     for shard in shards:
         manifest = verify_shard(shard)
         if manifest is None:
-            msg = f"{shard}: has no write id; only shards written by this version of `gfw tokenize` can be indexed"
+            msg = (
+                f"{shard}: has no write id (written by an older gfw or another tool); only shards of this "
+                "version's `gfw tokenize` can be indexed: rerun its tokenize step (Snakemake: --forcerun "
+                "tokenize_dataset)"
+            )
             raise InputError(msg)
         manifests.append(manifest)
     for field in _SHARED_FIELDS:
@@ -148,9 +176,7 @@ def write_dataset_index(shards: list[Path], index: str | Path, *, overwrite: boo
         if len(values) > 1:
             msg = f"{index}: its shards disagree on {field} ({sorted(values)}); tokenize them with one vocabulary"
             raise InputError(msg)
-    lengths = np.concatenate(
-        [np.load(_lengths_file(s, m), allow_pickle=False) for s, m in zip(shards, manifests, strict=True)]
-    )
+    lengths = np.concatenate([np.load(CorpusPaths.beside(s).lengths_npy, allow_pickle=False) for s in shards])
     lengths = lengths.astype(np.int32)
     expected = sum(int(m["n_cells"]) for m in manifests)
     if lengths.size != expected:
@@ -175,11 +201,6 @@ def write_dataset_index(shards: list[Path], index: str | Path, *, overwrite: boo
         tmp_index.write_text(json.dumps(info, indent=2) + "\n")
     _warn_stale_shards(index, shards)
     return DatasetIndex(index, tuple(Path(s) for s in shards), info)
-
-
-def _lengths_file(shard: Path, manifest: dict[str, Any]) -> Path:
-    names = manifest.get("lengths") or []
-    return shard.parent / names[0] if names else manifest_path(shard).with_name(f"{shard.stem}.lengths.npy")
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -229,30 +250,44 @@ def read_dataset_index(path: str | Path) -> DatasetIndex:
     return DatasetIndex(path, shards, info)
 
 
-def resolve_corpus_inputs(entries: list[str | Path]) -> list[Path]:
-    """Parquet files from a list of parquet files, ``dataset.json`` indexes and directories holding one.
+def resolve_corpus_inputs(entries: list[str | Path], *, unindexed: bool = False) -> list[Path]:
+    """The parquet files of a corpus given as parquet files, ``dataset.json`` indexes or directories holding one.
 
-    A directory without an index is refused: a glob would also pick up stale shards.
+    An index (or a directory holding one) gives exactly the shards it lists, each checked complete
+    (:func:`verify_shard`); so is every parquet file given by name. With ``unindexed`` (training's
+    ``data.corpus``, which also takes users' own parquet folders), a directory without an index reads all its
+    ``*.parquet`` files (with a warning: stale shards would be read too) and a glob pattern its matches, both in
+    sorted order; otherwise such a directory is refused. A file listed twice is kept once.
 
     Raises:
-        InputError: naming the entry that is neither.
+        InputError: naming the entry that matches nothing usable, or an incomplete shard.
     """
     files: list[Path] = []
     for entry in map(Path, entries):
-        if entry.is_dir() and (entry / INDEX_NAME).is_file():
+        if (entry.is_dir() and (entry / INDEX_NAME).is_file()) or (entry.is_file() and entry.suffix == ".json"):
             files.extend(read_dataset_index(entry).shards)
-        elif entry.is_file() and entry.suffix == ".json":
-            files.extend(read_dataset_index(entry).shards)
-        elif entry.is_file():
-            verify_shard(entry)
-            files.append(entry)
-        elif entry.is_dir():
+            continue
+        if entry.is_file():
+            found = [entry]
+        elif entry.is_dir() and not unindexed:
             msg = (
                 f"{entry}: a directory without {INDEX_NAME}; pass its shard files, or write the index with "
                 f"`gfw index {entry}/shard-*.parquet -o {entry}/{INDEX_NAME}`"
             )
             raise InputError(msg)
+        elif entry.is_dir():
+            found = sorted(entry.glob("*.parquet"))
+            if found:
+                log.warning("%s has no %s; reading all %d parquet files in it", entry, INDEX_NAME, len(found))
+        elif unindexed:
+            found = sorted(Path(p) for p in glob.glob(str(entry), recursive=True) if Path(p).is_file())
         else:
-            msg = f"{entry}: no such corpus file, dataset index or directory"
+            found = []
+        if not found:
+            kinds = "parquet files, dataset.json indexes, directories or globs" if unindexed else "files or indexes"
+            msg = f"{entry}: no such corpus file, dataset index or directory (give {kinds})"
             raise InputError(msg)
+        for file in found:
+            verify_shard(file)
+        files.extend(found)
     return list(dict.fromkeys(files))

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from .model import GeneformerForMaskedLM, load_hf_directory
+from .vocab import SPECIAL_TOKENS, TOKEN_DICTIONARY
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -45,8 +46,6 @@ __all__ = ["EmbeddingSettings", "LayerSelection", "cli_main", "embed_corpus", "p
 
 log = logging.getLogger(__name__)
 
-TOKEN_DICTIONARY = "token_dictionary.json"
-SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
 MEAN_KEY = "X_geneformer_mean"
 CLS_KEY = "X_geneformer_cls"
 GENEFORMER = "geneformer"

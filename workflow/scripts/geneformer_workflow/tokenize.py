@@ -31,37 +31,13 @@ from geneformer_workflow._gene_ranker import GeneRanker
 from geneformer_workflow._genes import map_gene_ids, normalize_gene_ids, report_duplicates
 from geneformer_workflow._io import H5adCounts, InputError
 from geneformer_workflow._parquet import DEFAULT_ENCODING
+from geneformer_workflow.corpus_index import CorpusPaths
 from geneformer_workflow.presets import CLS, EOS, Preset
 from geneformer_workflow.vocab import token_dictionary_sha256
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CorpusPaths", "GeneRanker", "TokenizeStats", "tokenize_h5ad", "validation_mask"]
-
-
-@dataclass
-class CorpusPaths:
-    """The files written for one tokenized input (one shard): the parquet corpus and its side files."""
-
-    parquet: Path
-    lengths_npy: Path
-    lengths_pkl: Path
-    manifest: Path
-
-    @classmethod
-    def beside(cls, parquet: str | Path) -> CorpusPaths:
-        """``X.parquet`` → ``X.lengths.npy``, ``X.lengths.pkl``, ``X.manifest.json``.
-
-        Only a ``.parquet`` suffix is replaced: ``donor.1`` gets ``donor.1.lengths.npy``, so outputs that differ
-        only after their last dot never share side files.
-        """
-        parquet = Path(parquet)
-        stem = parquet.with_suffix("") if parquet.suffix == ".parquet" else parquet
-        return cls(parquet, Path(f"{stem}.lengths.npy"), Path(f"{stem}.lengths.pkl"), Path(f"{stem}.manifest.json"))
-
-    def all(self) -> list[Path]:
-        """The files in commit order: the manifest, which readers require, last."""
-        return [self.parquet, self.lengths_npy, self.lengths_pkl, self.manifest]
 
 
 @dataclass

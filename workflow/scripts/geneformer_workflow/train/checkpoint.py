@@ -43,6 +43,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from .._atomic import FULL_BELOW_BYTES, NO_SPACE
+
 # The run-directory names that the report reads too live in the torch-free _run_dir; re-exported here.
 from .._run_dir import CHECKPOINTS, CheckpointError, read_json
 from .._run_dir import FINAL_FILE as FINAL_FILE
@@ -57,15 +59,8 @@ MODEL_CONFIG_FILE = "model_config.json"
 # DCP wraps reader and writer errors in CheckpointException, which derives from BaseException, not Exception.
 _DCP_ERRORS = (Exception, CheckpointException)
 FORMAT_VERSION = 1
-# errno values that mean "out of space", and how the error message names them.
-_NO_SPACE = {
-    errno.ENOSPC: "no space left on device (disk full)",
-    errno.EDQUOT: "disk quota exceeded (disk full for this user)",
-    errno.EFBIG: "a file grew past the file size limit (File too large; see `ulimit -f`)",
-}
 # With several ranks DCP pickles each rank's error, which drops the OSError chained behind torch.save's
-# "unexpected pos" RuntimeError; less free space than this after a failed save then means a full disk.
-_FULL_BELOW_BYTES = 16 * 2**20
+# "unexpected pos" RuntimeError; less free space than FULL_BELOW_BYTES after a failed save then means a full disk.
 
 
 @contextlib.contextmanager
@@ -201,11 +196,11 @@ def describe_write_error(err: BaseException, directory: Path) -> tuple[str, bool
     errors = list(_error_chain(err))
     os_errors = [e for e in errors if isinstance(e, OSError) and e.errno is not None]
     for error in os_errors:
-        if error.errno in _NO_SPACE:
-            return f"{_NO_SPACE[error.errno]} [{error}]", True
+        if error.errno in NO_SPACE:
+            return f"{NO_SPACE[error.errno]} [{error}]", True
     free = _free_bytes(directory)
-    if not os_errors and free is not None and free < _FULL_BELOW_BYTES:
-        return f"{_NO_SPACE[errno.ENOSPC]}: {free / 2**20:.1f} MiB free on {directory}", True
+    if not os_errors and free is not None and free < FULL_BELOW_BYTES:
+        return f"{NO_SPACE[errno.ENOSPC]}: {free / 2**20:.1f} MiB free on {directory}", True
     # DCP's own message is a multi-line traceback: name the first rank's error (or the OSError) instead.
     detail = os_errors[0] if os_errors else next((e for e in errors if not isinstance(e, CheckpointException)), err)
     return f"{type(detail).__name__}: {detail}", False

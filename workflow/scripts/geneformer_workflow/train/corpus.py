@@ -15,7 +15,6 @@ directory and the fix.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import logging
@@ -32,8 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .._atomic import fsync_dir, fsync_tree
-from ..corpus_index import INDEX_NAME, read_dataset_index, verify_shard
+from .._atomic import fsync_dir, fsync_tree, pid_alive
+from .._io import InputError
+from ..corpus_index import resolve_corpus_inputs
 from .checkpoint import describe_write_error
 
 log = logging.getLogger(__name__)
@@ -69,40 +69,19 @@ class TokenStore:
 
 
 def resolve_corpus_files(spec: str | list[str] | tuple[str, ...]) -> list[Path]:
-    """Expand ``data.corpus`` (parquet files, dataset indexes, directories, or globs) in the given order.
+    """Expand ``data.corpus`` into absolute parquet paths in the given order.
 
-    A ``dataset.json`` index (``gfw index``), or a directory holding one, gives exactly the shards it lists
-    (a shard left there by an earlier run is not read). A directory without an index and a glob expand to
-    their ``*.parquet`` files in sorted order. Every file written by ``gfw tokenize`` must be complete (its
-    manifest present and describing it); a file listed twice is kept once.
+    Entries may be parquet files, ``dataset.json`` indexes (``gfw index``) or directories holding one (exactly
+    the shards listed), other directories or globs (their ``*.parquet`` files, sorted); see
+    :func:`~geneformer_workflow.corpus_index.resolve_corpus_inputs`.
     """
     entries = [spec] if isinstance(spec, str) else list(spec)
-    files: list[Path] = []
-    for entry in entries:
-        entry = str(entry)
-        path = Path(entry)
-        if (path.is_dir() and (path / INDEX_NAME).is_file()) or (path.is_file() and path.suffix == ".json"):
-            found = list(read_dataset_index(path).shards)
-        elif path.is_dir():
-            found = sorted(path.glob("*.parquet"))
-            if found:
-                log.warning(
-                    "data.corpus: %s has no %s; reading all %d parquet files in it", path, INDEX_NAME, len(found)
-                )
-        elif path.is_file():
-            found = [path]
-        else:
-            found = sorted(Path(p) for p in glob.glob(entry, recursive=True) if Path(p).is_file())
-        if not found:
-            msg = (
-                f"data.corpus entry {entry!r} matches no parquet file; give files, dataset.json indexes, "
-                "directories or globs"
-            )
-            raise ValueError(msg)
-        for file in found:
-            verify_shard(file)
-        files.extend(p.resolve() for p in found)
-    return list(dict.fromkeys(files))
+    try:
+        files = resolve_corpus_inputs([str(e) for e in entries], unindexed=True)
+    except InputError as err:
+        msg = f"data.corpus entry {err}"
+        raise InputError(msg) from err
+    return list(dict.fromkeys(p.resolve() for p in files))
 
 
 def corpus_fingerprint(files: list[Path], split_values: dict[str, str]) -> str:
@@ -236,17 +215,6 @@ def content_sha256(tokens: np.ndarray, offsets: np.ndarray, *, block: int = 1 <<
     return hasher.hexdigest()
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (when in doubt: yes)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. EPERM: it exists but belongs to another user
-        return True
-    return True
-
-
 def remove_stale_builds(cache_root: Path) -> list[Path]:
     """Delete the temporary directories of cache builds on this host whose process is gone; returns them.
 
@@ -260,7 +228,7 @@ def remove_stale_builds(cache_root: Path) -> list[Path]:
         if match is None or match["host"] != host or not path.is_dir():
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or not _process_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     if removed:

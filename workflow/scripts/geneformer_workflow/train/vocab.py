@@ -8,10 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..vocab import token_dictionary_sha256
-
-TOKEN_DICTIONARY = "token_dictionary.json"
-SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
+from ..vocab import SPECIAL_TOKENS, TOKEN_DICTIONARY, token_dictionary_sha256
 
 
 @dataclass(frozen=True)
