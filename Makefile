@@ -29,6 +29,8 @@ test: install
 
 lint: install
 	$(BIN)/ruff check workflow/scripts tests benchmarks resources/demo
+	$(BIN)/ruff format --check workflow/scripts tests benchmarks resources/demo
+	$(BIN)/snakefmt --check workflow/
 	$(BIN)/snakemake --lint
 
 clean:

@@ -51,6 +51,9 @@ TORCHRUN = "tests/train/test_sanity_demo.py::test_sanity_tier_lowers_the_validat
 EXPORT = "tests/train/test_export.py::test_export_cli_takes_a_step_directory_and_a_vocab_dir"
 EMBED = "tests/model/test_embed.py::test_gfw_embed_equals_mean_pooled_hf_bert_hidden_states"
 HF_DATASET = "tests/tokenize/test_hf_dataset.py::test_split_directory_loads_and_holds_exactly_its_rows"
+EVALUATE = "tests/evaluate/test_evaluate_cli.py::test_models_and_baselines_are_scored_on_the_same_cells"
+STORE_CLI = "tests/train/test_store.py::test_gfw_store_part_index_and_build_give_the_same_store"
+STORE_TRAIN = "tests/train/test_store.py::test_training_on_a_store_matches_training_on_the_corpus"
 GPU = "needs GPUs and hours; the GPU tests (tests/train/test_gpu.py) run the GPU paths"
 CLUSTER = "needs a SLURM cluster; tests/slurm runs the profile on a throw-away one"
 
@@ -75,7 +78,7 @@ COMMANDS: dict[str, Cover] = {
     ".venv/bin/snakemake -n --config model=10m": Cover("run"),
     ".venv/bin/snakemake --cores 8 --config model=106m": Cover("dry-run", why=GPU),
     ".venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 2 -m geneformer_workflow train "
-    "--config-name sanity 'data.corpus=[results/tokenized/pbmc_5k_protein_v3]' data.vocab_dir=results/reference/vocab "
+    "--config-name sanity data.store=results/store/store.json data.vocab_dir=results/reference/vocab "
     "run_dir=results/pretrain/manual": Cover("parse", (TORCHRUN,), "needs the demo corpus; 2-process training"),
     ".venv/bin/gfw export results/pretrain/manual results/export/manual": Cover(
         "parse", (END_TO_END, EXPORT), "needs a trained run directory"
@@ -88,6 +91,12 @@ COMMANDS: dict[str, Cover] = {
     ".venv/bin/gfw hf-dataset results/tokenized/pbmc_5k_protein_v3/dataset.json --split train "
     "-o results/hf/pbmc_5k_protein_v3.train": Cover("parse", (HF_DATASET,), "needs a tokenized corpus"),
     ".venv/bin/snakemake --report report.html": Cover(None, (REPORT,), "needs a finished run"),
+    # docs/report.md: evaluation
+    ".venv/bin/gfw evaluate resources/demo/pbmc_cite_seq_labelled.h5ad --label-key cell_type --batch-key batch "
+    "--model sanity results/export/sanity --random-weights sanity --pca --scores scores.tsv "
+    "--embeddings embeddings.h5ad --table scores.html --umap umap.png": Cover(
+        "parse", (EVALUATE,), "needs an exported model"
+    ),
     "snakemake --report report.html": Cover(None, (REPORT,), "needs a finished run"),
     # README.md: SLURM
     ".venv/bin/snakemake -n --profile profiles/slurm": Cover("run"),
@@ -117,7 +126,7 @@ COMMANDS: dict[str, Cover] = {
     ),
     "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=64 bash workflow/scripts/torchrun_node.sh 2 8 "
     "'$(which python)' -m geneformer_workflow train --config-name 106m run_dir=/shared/run "
-    "'data.corpus=[/shared/results/tokenized]' data.vocab_dir=/shared/results/reference/vocab": Cover(
+    "data.store=/shared/results/store/store.json data.vocab_dir=/shared/results/reference/vocab": Cover(
         "parse", (SLURM_SRUN, SLURM_LAUNCHER), CLUSTER
     ),
     ".venv/bin/python -m pytest -m slurm": Cover("pytest", (SLURM_RUN,), CLUSTER),
@@ -128,8 +137,13 @@ COMMANDS: dict[str, Cover] = {
     "--config-name sanity 'data.corpus=[a.parquet,b.parquet]' data.vocab_dir=results/vocab "
     "run_dir=results/train/sanity": Cover("parse", (TORCHRUN,), "needs a corpus; 2-process training"),
     "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 workflow/scripts/torchrun_node.sh 2 8 python -m "
-    "geneformer_workflow train --config-name 106m run_dir=/shared/run 'data.corpus=[/shared/corpus]' "
+    "geneformer_workflow train --config-name 106m run_dir=/shared/run data.store=/shared/results/store "
     "data.vocab_dir=/shared/vocab": Cover("parse", (SLURM_SRUN, SLURM_LAUNCHER), CLUSTER),
+    "gfw store build 'results/tokenized/*/dataset.json' -o results/store --vocab-dir results/vocab": Cover(
+        "parse", (STORE_CLI,), "needs a tokenized corpus"
+    ),
+    "gfw train --config-name 10m data.store=results/store data.vocab_dir=results/vocab "
+    "run_dir=results/train/10m": Cover("parse", (STORE_TRAIN,), "needs a training store; 10m on CPU is slow"),
     "gfw export results/train/sanity results/export/sanity '[--vocab-dir' 'results/vocab]'": Cover(
         "parse", (EXPORT,), "needs a trained run directory"
     ),
@@ -138,6 +152,13 @@ COMMANDS: dict[str, Cover] = {
         "syntax",
         ("tests/train/test_gpu_check.py::test_dry_run_exercises_every_section_on_cpu",),
         "needs a CUDA GPU; its Python part runs on CPU with --dry-run",
+    ),
+    "bash benchmarks/te_wheels.sh": Cover("syntax", why="downloads Transformer Engine for the GPU machine (network)"),
+    "bash benchmarks/te_gpu.sh receive": Cover("syntax", why="stages carried wheels on a GPU machine"),
+    "bash benchmarks/te_gpu.sh run": Cover(
+        "syntax",
+        ("tests/train/test_te_acceptance.py::test_dry_run_kills_resumes_exactly_and_writes_the_report",),
+        "needs a CUDA GPU with Transformer Engine; its Python part runs on CPU with --dry-run",
     ),
 }
 
@@ -340,6 +361,8 @@ def check_gfw(words: list[str]) -> None:
         if argv[0] in ("train", "export", "embed", "hf-dataset"):
             module = importlib.import_module(f"geneformer_workflow.{argv[0].replace('-', '_')}")
             parsed = module.build_parser().parse_args(argv[1:])
+        elif argv[0] == "evaluate":
+            parsed = importlib.import_module("geneformer_workflow.evaluate.cli").build_parser().parse_args(argv[1:])
         else:
             parsed = importlib.import_module("geneformer_workflow.cli").build_parser().parse_args(argv)
     except SystemExit as err:

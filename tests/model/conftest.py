@@ -31,6 +31,10 @@ def tol() -> Tolerances:
 
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
+    return tiny_config()
+
+
+def tiny_config() -> ModelConfig:
     """Small enough for milliseconds, large enough for 4 heads and 2 layers. Dropout off (eval comparisons)."""
     return ModelConfig(
         vocab_size=40,

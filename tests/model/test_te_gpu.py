@@ -232,3 +232,60 @@ def test_fp8_loss_is_finite_and_close_to_bf16(cfg, batch, recipe_name):
             assert abs(out.loss.item() - reference) < TOL.fp8_loss * reference, (step, out.loss.item(), reference)
     exported = to_hf_state_dict(te_model.state_dict())  # with FP8 metadata in every _extra_state now
     assert set(exported) == set(to_hf_state_dict(GeneformerForMaskedLM(cfg).state_dict()))
+
+
+def test_te_modules_built_under_the_meta_device_stay_on_it(cfg):
+    """te.Linear defers initialisation only for the string "meta" (issue 14): nothing may land on the GPU."""
+    before = torch.cuda.memory_allocated()
+    with torch.device("meta"):
+        model = GeneformerForMaskedLM(cfg, te_primitives())
+    assert all(p.is_meta for p in model.parameters())
+    assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.skipif(_fp8_capability() < (8, 9), reason="requires_fp8: compute capability >= 8.9")
+def test_fp8_delayed_scaling_state_survives_a_checkpoint_exactly(cfg, batch, tmp_path):
+    """Train under delayed scaling, checkpoint, continue; a fresh model resumed from the checkpoint matches."""
+    from geneformer_workflow.train.checkpoint import AppState, TrainState, load_checkpoint, save_checkpoint
+    from geneformer_workflow.train.distributed import DistributedConfig, Runtime
+    from geneformer_workflow.train.fp8_state import Fp8ScalingState, delayed_scaling_tensors
+
+    recipe = resolve_fp8_recipe("delayed", CUDA, recipe_kwargs={"amax_history_len": 8})
+    runtime = Runtime(dist=DistributedConfig(), device=CUDA)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def build(seed: int) -> tuple[torch.nn.Module, AppState]:
+        torch.manual_seed(seed)
+        model = GeneformerForMaskedLM(cfg, te_primitives()).to(CUDA).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        app = AppState(model, optimizer, scheduler, TrainState(), backend="none", fp8=Fp8ScalingState(model, recipe))
+        return model, app
+
+    def train(app: AppState, steps: range) -> None:
+        for step in steps:
+            order = torch.arange(4, device=CUDA).roll(step)  # batches differ, so the amax history moves
+            ids, mask, labels = (tensor[order] for tensor in batch)
+            app.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16), fp8_autocast_context(True, recipe, CUDA):
+                loss = app.model(ids, mask, labels=labels).loss
+            loss.backward()
+            app.optimizer.step()
+            app.state.step = step + 1
+
+    model, app = build(0)
+    train(app, range(3))
+    saved = {k: v.clone() for k, v in delayed_scaling_tensors(model).items()}
+    assert saved and any(not torch.all(v == 1) for k, v in saved.items() if k.endswith(".scale"))
+    path = save_checkpoint(tmp_path, app, runtime, meta={}, model_config={}, keep_last=0)
+    train(app, range(3, 6))
+    fresh, resumed = build(1)
+    load_checkpoint(path, resumed)
+    restored = delayed_scaling_tensors(fresh)
+    for key, value in saved.items():
+        if key in restored:
+            assert torch.equal(restored[key].cpu(), value.cpu()), key
+    train(resumed, range(3, 6))
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        if not name.endswith("_extra_state"):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)

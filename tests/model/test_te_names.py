@@ -1,15 +1,13 @@
 """Transformer Engine on CPU: TE <-> HF weight names, the import guard, and the TE plumbing against a stand-in.
 
-TE cannot be installed here, so ``FakeTE`` stands in for ``transformer_engine.pytorch``: modules with the documented
-constructor arguments, parameter names and ``_extra_state`` entries (``io.BytesIO`` or uint8 tensors, as TE writes
-them), and a ``DotProductAttention`` that implements TE's documented contract (True = masked out; "thd" with
-``cu_seqlens``) with plain SDPA. The real kernels are compared in ``test_te_gpu.py``.
+TE cannot run here, so ``fake_te`` (this directory) stands in for ``transformer_engine.pytorch`` 2.20, following its
+source on what our code relies on (the meta-device test, uint8 extra state, the attention mask and ``cu_seqlens``
+contracts); each point cites TE there. The real kernels are compared in ``test_te_gpu.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import sys
 import types
@@ -17,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from geneformer_workflow.model import (
     GeneformerForMaskedLM,
@@ -28,91 +25,21 @@ from geneformer_workflow.model import (
     require_te,
     resolve_fp8_recipe,
     save_hf_state_dict,
+    te_names,
     te_primitives,
     te_state_dict_to_hf,
     to_hf_state_dict,
     unpad,
 )
+from geneformer_workflow.model import fp8 as fp8_mod
 from geneformer_workflow.model import te as te_mod
 from omegaconf import OmegaConf
 from torch import nn
 
+from . import fake_te as fake
+from .fake_te import fake_te
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config" / "train"
-
-
-# ----------------------------------------------------------------------------------------------- the stand-in
-class FakeLinear(nn.Linear):
-    """``te.Linear(in, out, bias=True, device=...)``; TE 1.x wrote its FP8 metadata as ``io.BytesIO``."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
-        assert device in ("cuda", "meta") or isinstance(device, torch.device), device
-        super().__init__(in_features, out_features, bias=bias)
-        self.rows_seen: list[int] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.rows_seen.append(x.numel() // x.shape[-1])
-        return super().forward(x)
-
-    def get_extra_state(self) -> io.BytesIO:
-        return io.BytesIO(b"fp8 scaling metadata")
-
-    def set_extra_state(self, state) -> None:
-        assert state is None or isinstance(state, io.BytesIO | torch.Tensor)
-
-
-class FakeLayerNorm(nn.LayerNorm):
-    """``te.LayerNorm(size, eps=..., device=...)``; TE 2.x writes a pickled uint8 tensor."""
-
-    def __init__(self, size: int, eps: float = 1e-5, device=None) -> None:
-        super().__init__(size, eps=eps)
-
-    def get_extra_state(self) -> torch.Tensor:
-        return torch.frombuffer(bytearray(b"pickled"), dtype=torch.uint8)
-
-    def set_extra_state(self, state) -> None:
-        assert state is None or isinstance(state, io.BytesIO | torch.Tensor)
-
-
-class FakeDotProductAttention(nn.Module):
-    """TE's documented contract: bshd + (B, 1, 1, T) mask with True = masked out, or thd + cu_seqlens."""
-
-    def __init__(self, num_attention_heads, kv_channels, attention_dropout, qkv_format, attn_mask_type) -> None:
-        super().__init__()
-        assert (qkv_format, attn_mask_type, attention_dropout) == ("bshd", "padding", 0.0)
-        self.heads, self.head_dim = num_attention_heads, kv_channels
-        self.formats_seen: list[str] = []
-
-    def forward(self, q, k, v, attention_mask=None, qkv_format=None, attn_mask_type=None, **kwargs):
-        assert attn_mask_type == "padding"
-        self.formats_seen.append(qkv_format)
-        if qkv_format == "bshd":
-            batch, seq_len = q.shape[:2]
-            assert attention_mask.dtype == torch.bool and attention_mask.shape == (batch, 1, 1, seq_len)
-            assert not kwargs
-            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask).transpose(1, 2)
-            return out.reshape(batch, seq_len, -1)  # (B, T, N*D) as TE returns it
-        assert qkv_format == "thd" and attention_mask is None and q.dim() == 3
-        cu = kwargs["cu_seqlens_q"]
-        assert cu.dtype == torch.int32 and kwargs["cu_seqlens_kv"] is cu
-        assert isinstance(kwargs["max_seqlen_q"], int) and kwargs["max_seqlen_q"] == kwargs["max_seqlen_kv"]
-        outs = []
-        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-            qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # (N, L, D)
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1))
-        return torch.cat(outs).reshape(q.shape[0], -1)  # (T_total, N*D)
-
-    def get_extra_state(self) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.uint8)
-
-    def set_extra_state(self, state) -> None:
-        assert state is None or isinstance(state, torch.Tensor)
-
-
-def fake_te() -> types.ModuleType:
-    te = types.ModuleType("transformer_engine.pytorch")
-    te.Linear, te.LayerNorm, te.DotProductAttention = FakeLinear, FakeLayerNorm, FakeDotProductAttention
-    return te
 
 
 @pytest.fixture
@@ -135,7 +62,7 @@ def _extra_keys(model: nn.Module) -> list[str]:
 def test_key_map_covers_exactly_the_transformers_keys(tiny_cfg):
     expanded = {
         pattern.replace("*", str(i))
-        for pattern in te_mod.HF_TO_TE_KEYS
+        for pattern in te_names.HF_TO_TE_KEYS
         for i in range(tiny_cfg.num_hidden_layers if "*" in pattern else 1)
     }
     assert expanded == set(transformers.BertForMaskedLM(tiny_cfg.to_hf_config()).state_dict())
@@ -145,10 +72,37 @@ def test_key_map_covers_exactly_the_transformers_keys(tiny_cfg):
 def test_te_model_writes_extra_state_only_where_the_map_expects_it(te_model, tiny_cfg):
     extra = _extra_keys(te_model)
     # embeddings LayerNorm + head dense and LayerNorm, then per layer 8 te.Linear / te.LayerNorm + the attention
-    modules = {te_mod._pattern(key.removesuffix("._extra_state"))[0] for key in extra}
-    assert modules == set(te_mod.TE_EXTRA_STATE_MODULES) | {"bert.encoder.layer.*.attention.self.core.dpa"}
+    modules = {te_names._pattern(key.removesuffix("._extra_state"))[0] for key in extra}
+    assert modules == set(te_names.TE_EXTRA_STATE_MODULES) | {"bert.encoder.layer.*.attention.self.core.dpa"}
     assert len(extra) == 3 + tiny_cfg.num_hidden_layers * 9
-    assert {type(te_model.state_dict()[key]) for key in extra} == {io.BytesIO, torch.Tensor}
+    # TE 2.x: a uint8 tensor, empty until an FP8 forward ran (module/base.py get_extra_state)
+    assert all(te_model.state_dict()[key].dtype == torch.uint8 for key in extra)
+    assert all(te_model.state_dict()[key].numel() == 0 for key in extra)
+
+
+def test_extra_state_after_delayed_scaling_is_a_pickle_that_a_fresh_model_refuses(te_model, tiny_cfg, padded_batch):
+    """Why training checkpoints leave `_extra_state` out: its size changes, and TE 2.20 refuses the pickle."""
+    b = padded_batch
+    with fake.autocast(recipe=fake.DelayedScaling(amax_history_len=4)):
+        te_model(b.input_ids, b.attention_mask, labels=b.labels)
+    trained = te_model.state_dict()
+    query = "bert.encoder.layer.0.attention.self.query._extra_state"
+    assert trained[query].dtype == torch.uint8 and trained[query].numel() > 0
+    fresh = GeneformerForMaskedLM(tiny_cfg, te_primitives(te_module=fake_te()))
+    assert fresh.state_dict()[query].numel() == 0  # a DCP load planner sees a size mismatch
+    with pytest.raises(RuntimeError, match="Refusing to load pickled Transformer Engine extra state"):
+        fresh.load_state_dict(trained)
+
+
+def test_te_modules_built_under_the_meta_device_are_not_materialised(tiny_cfg):
+    """TE defers initialisation only for device == "meta" (a string); a torch.device makes every rank initialise."""
+    with torch.device("meta"):
+        model = GeneformerForMaskedLM(tiny_cfg, te_primitives(te_module=fake_te()))
+    linears = [m for m in model.modules() if isinstance(m, fake.Linear)]
+    assert linears and not any(m.materialized for m in linears)
+    assert all(p.is_meta for p in model.parameters())
+    with pytest.raises(AssertionError):  # the stand-in does catch a torch.device (the bug of issue 14)
+        assert not fake.Linear(4, 4, device=torch.device("meta")).materialized
 
 
 def test_te_state_dict_converts_to_the_keys_transformers_loads_strictly(te_model, tiny_cfg):
@@ -307,7 +261,7 @@ def test_packed_sequences_on_another_device_are_refused(te_model):
 
 def test_te_modules_follow_the_meta_device_context():
     with torch.device("meta"):
-        assert str(te_mod._te_device()) == "meta"
+        assert te_mod._te_device() == "meta"  # a str: TE compares device == "meta"
     assert te_mod._te_device() == "cuda"
     prepared = te_mod.TEAttention.prepare_mask(torch.tensor([[1, 1, 0]]))
     assert prepared.tolist() == [[[[False, False, True]]]]  # True = masked out, TE's convention
@@ -331,6 +285,8 @@ def _fake_fp8(monkeypatch, capability: tuple[int, int], *, with_autocast: bool =
     te = fake_te()
     if with_autocast:
         te.autocast = lambda **kw: calls.append(("autocast", kw)) or contextlib.nullcontext()
+    else:
+        del te.autocast  # TE before 2.x: only fp8_autocast
     te.fp8_autocast = lambda **kw: calls.append(("fp8_autocast", kw)) or contextlib.nullcontext()
     root, common = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.common")
     root.pytorch, root.common, common.recipe = te, common, recipe_mod
@@ -339,7 +295,7 @@ def _fake_fp8(monkeypatch, capability: tuple[int, int], *, with_autocast: bool =
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
-    monkeypatch.setattr(te_mod, "_warned", set())
+    monkeypatch.setattr(fp8_mod, "_warned", set())
     return calls
 
 
@@ -383,7 +339,7 @@ def test_mxfp8_needs_blackwell(monkeypatch):
 
 def test_gpu_without_fp8_falls_back_to_bf16_with_one_warning(monkeypatch, caplog):
     calls = _fake_fp8(monkeypatch, (8, 0))
-    with caplog.at_level(logging.WARNING, logger=te_mod.__name__):
+    with caplog.at_level(logging.WARNING, logger=fp8_mod.__name__):
         for _ in range(3):
             assert isinstance(fp8_autocast_context(True, "delayed", CUDA), contextlib.nullcontext)
     assert len(caplog.records) == 1

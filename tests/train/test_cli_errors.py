@@ -62,7 +62,7 @@ def _no_cuda_for_te() -> None:
 
 
 def _no_cuda_for_fp8() -> None:
-    parallel.require_te("fp8.enabled")
+    te.require_te("fp8.enabled")
 
 
 def _no_cuda_for_mfsdp() -> None:
@@ -91,7 +91,7 @@ RUN_ERRORS = {
         "CacheWriteError: cannot write the token cache in c (data.cache_dir): disk full",
     ),
     "te": (_no_cuda_for_te, "model.use_te=true needs CUDA + Transformer Engine"),
-    "fp8": (_no_cuda_for_fp8, "fp8.enabled needs CUDA + Transformer Engine"),
+    "fp8": (_no_cuda_for_fp8, "fp8.enabled=true needs CUDA + Transformer Engine"),
     "mfsdp": (_no_cuda_for_mfsdp, "backend.name=mfsdp needs CUDA GPUs"),
 }
 

@@ -31,8 +31,10 @@ def test_tier_shapes_match_the_model_presets():
 
 
 def test_missing_mandatory_keys_are_listed():
-    with pytest.raises(ValueError, match=re.escape("['run_dir', 'data.corpus', 'data.vocab_dir']")):
+    with pytest.raises(ValueError, match=re.escape("['run_dir', 'data.vocab_dir']")):
         validate_config(compose_config("sanity", []))
+    with pytest.raises(ValueError, match=re.escape("set exactly one of data.store and data.corpus (neither is set)")):
+        validate_config(compose_config("sanity", ["run_dir=/tmp/x", "data.vocab_dir=v"]))
 
 
 def test_position_table_shorter_than_max_length_names_both_keys():

@@ -1,4 +1,4 @@
-"""Parquet corpus → memory-mapped token cache."""
+"""``data.corpus`` → a training store under ``data.cache_dir`` (built by the run itself)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow.train.corpus import build_cache, open_split, resolve_corpus_files
+from geneformer_workflow.store import open_store
+from geneformer_workflow.train.corpus import build_cache, resolve_corpus_files
 
 SPLITS = {"train": "train", "validation": "validation"}
 
@@ -23,10 +24,10 @@ def test_cache_holds_every_cell_of_each_split_in_corpus_order(small_corpus, tmp_
             for ids, split in zip(t["input_ids"].to_pylist(), t["split"].to_pylist(), strict=True)
             if split == role
         ]
-        store = open_split(cache, role, vocab_size=10_000)
-        assert len(store) == len(expected)
-        assert all(np.array_equal(store.cell(i), cell) for i, cell in enumerate(expected))
-        assert isinstance(store.tokens, np.memmap)
+        split = getattr(open_store(cache, vocab_size=10_000), role)
+        assert len(split) == len(expected)
+        assert all(np.array_equal(split.cell(i), cell) for i, cell in enumerate(expected))
+        assert np.array_equal(split.lengths(np.arange(len(split))), [len(c) for c in expected])
 
 
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(small_corpus, tmp_path):
@@ -62,4 +63,4 @@ def test_length_column_must_match_the_token_lists(tmp_path):
 def test_token_ids_beyond_the_vocabulary_are_refused(small_corpus, tmp_path):
     cache = build_cache(small_corpus.files, tmp_path, SPLITS)
     with pytest.raises(ValueError, match=re.escape("data.vocab_dir")):
-        open_split(cache, "train", vocab_size=100)
+        open_store(cache, vocab_size=100)

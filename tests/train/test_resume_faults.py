@@ -117,7 +117,7 @@ def test_a_build_removes_temporary_dirs_of_dead_builds_on_this_host_only(small_c
         path.mkdir()
         (path / "train.tokens.npy").write_bytes(b"half")
     cache = build_cache(small_corpus.files, tmp_path, SPLITS)
-    assert (cache / "manifest.json").is_file()
+    assert (cache / "store.json").is_file()
     assert not dead.exists() and not other_corpus.exists()
     assert running.is_dir() and other_host.is_dir()  # a build in progress; a host whose processes we cannot see
 
@@ -156,12 +156,12 @@ def test_a_failed_cache_write_names_the_directory_the_problem_and_the_fix(small_
 
 @pytest.mark.parametrize(("code", "problem"), [(errno.ENOSPC, "disk full"), (errno.EDQUOT, "disk quota exceeded")])
 def test_a_full_disk_or_quota_during_the_cache_build_is_named(small_corpus, tmp_path, monkeypatch, code, problem):
-    from geneformer_workflow.train import corpus
+    from geneformer_workflow import store
 
     def full(*_args, **_kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(corpus.np, "save", full)  # the offsets file of the first split
+    monkeypatch.setattr(store.np, "save", full)  # the offsets file of the first store part
     with pytest.raises(CacheWriteError, match=rf"\(data\.cache_dir\): .*{problem}.*Free space") as err:
         build_cache(small_corpus.files, tmp_path, SPLITS)
     assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == code

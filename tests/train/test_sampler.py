@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from geneformer_workflow.train.sampler import (
     BatchLayout,
+    EpochPermutation,
     GlobalBatchSampler,
     epoch_global_batches,
     padding_waste,
@@ -65,3 +66,60 @@ def test_length_grouping_wastes_less_padding_than_random_batches():
 def test_too_few_cells_for_one_global_batch_names_the_keys():
     with pytest.raises(ValueError, match=r"data\.micro_batch_size"):
         GlobalBatchSampler(np.array([5, 6, 7]), BatchLayout(2, 2, 1), seed=0, window_batches=1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 1_000, 4_097])
+def test_epoch_permutation_is_a_bijection_with_an_inverse(n):
+    perm = EpochPermutation(n, seed=7, epoch=3)
+    cells = perm(np.arange(n))
+    assert sorted(cells.tolist()) == list(range(n))
+    assert np.array_equal(perm.inverse(cells), np.arange(n))
+    if n > 5:  # another epoch, another order
+        assert not np.array_equal(cells, EpochPermutation(n, seed=7, epoch=4)(np.arange(n)))
+
+
+def test_the_shuffle_mixes_the_whole_corpus_into_each_window():
+    n = 100_000
+    cells = EpochPermutation(n, seed=1, epoch=0)(np.arange(2_000))  # the first window's cells
+    assert cells.min() < n * 0.01 and cells.max() > n * 0.99  # drawn from the whole corpus, not one stretch
+    assert abs(np.corrcoef(np.arange(2_000), cells)[0, 1]) < 0.1
+    assert np.histogram(cells, bins=10, range=(0, n))[0].min() > 150  # about 200 per tenth of the corpus
+
+
+class CountingLengths:
+    """A lengths array that records the largest lookup: what the sampler holds at once."""
+
+    def __init__(self, lengths: np.ndarray) -> None:
+        self.lengths, self.largest = lengths, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        self.largest = max(self.largest, len(indices))
+        return self.lengths[indices]
+
+    def argmax(self) -> int:
+        return int(np.argmax(self.lengths))
+
+
+def test_the_sampler_holds_one_window_and_matches_the_whole_epoch_plan():
+    lengths = np.random.default_rng(2).integers(50, 4_000, size=20_011)
+    counting = CountingLengths(lengths)
+    layout = BatchLayout(micro_batch_size=4, world_size=2, grad_accum=2)  # global batch 16
+    sampler = GlobalBatchSampler(counting, layout, seed=9, window_batches=25)
+    steps = [sampler.global_batch(s)[1] for s in range(sampler.batches_per_epoch)]
+    assert counting.largest <= 25 * 16  # one window of cells at a time, never the epoch
+    plan = epoch_global_batches(lengths, global_batch_size=16, seed=9, epoch=0, window_batches=25)
+    assert np.array_equal(np.stack(steps), plan)
+    assert len(np.unique(plan)) == plan.size == (20_011 // 16) * 16
+    late = GlobalBatchSampler(lengths, layout, seed=9, window_batches=25)  # a resume: starts mid-epoch
+    assert np.array_equal(late.global_batch(1_000)[1], plan[1_000])
+
+
+def test_the_unique_longest_cell_leads_the_epoch():
+    lengths = np.random.default_rng(4).integers(50, 1_000, size=5_000)
+    lengths[1234] = 5_000
+    for epoch in range(3):
+        plan = epoch_global_batches(lengths, global_batch_size=8, seed=1, epoch=epoch, window_batches=20)
+        assert plan[0][0] == 1234

@@ -10,7 +10,16 @@ from .helpers import DEMO, REPO
 
 pytestmark = pytest.mark.slow
 
-TOKENIZATION_RULES = "qc_dataset, summarize_expression, compute_gene_medians, build_vocabulary, tokenize_dataset"
+TOKENIZATION_RULES = ", ".join(
+    [
+        "qc_dataset",
+        "summarize_expression",
+        "list_expression_summaries",
+        "compute_gene_medians",
+        "build_vocabulary",
+        "tokenize_dataset",
+    ]
+)
 
 
 def test_tokenization_rules_run_inside_another_workflow_via_module(tmp_path):

@@ -19,6 +19,7 @@ if "layer" in config.get("embed", {}):  # renamed: a bare layer number meant ano
     )
 validate(config, "../schemas/config.schema.yaml")
 
+
 class MachineLocal:
     """A rule param that names this machine's copy of the project (interpreter, package directory).
 
@@ -43,7 +44,9 @@ SCRIPTS_DIR = Path(workflow.current_basedir).parent / "scripts"
 TRAIN_CONFIG_DIR = Path(workflow.current_basedir).parent.parent / "config" / "train"
 # Without --use-conda, jobs use the Python that runs Snakemake (e.g. the project's virtualenv).
 PYTHON = MachineLocal(
-    "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else shlex.quote(sys.executable)
+    "python"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else shlex.quote(sys.executable)
 )
 GFW = MachineLocal(
     f"PYTHONPATH={shlex.quote(str(SCRIPTS_DIR))}${{PYTHONPATH:+:$PYTHONPATH}} {PYTHON} -m geneformer_workflow"
@@ -70,7 +73,9 @@ def find_inputs(patterns):
 
 
 def check_model_config(name):
-    available = sorted(p.stem for p in TRAIN_CONFIG_DIR.glob("*.yaml") if p.stem != "defaults" and not p.stem.startswith("_"))
+    available = sorted(
+        p.stem for p in TRAIN_CONFIG_DIR.glob("*.yaml") if p.stem != "defaults" and not p.stem.startswith("_")
+    )
     if name not in available:
         raise ValueError(f"config 'model': unknown model {name!r}; choose one of {available} (config/train/)")
     return name
@@ -105,49 +110,67 @@ MODEL = check_model_config(str(config["model"]))
 EXPORT_DIR = f"results/export/{MODEL}"
 
 
+# dataset: a file stem (one path component). Not an alternation of every dataset name: Snakemake inlines the
+# constraint into every pattern it matches and rewrites, which made planning quadratic in the number of inputs
+# (2,000 inputs: 180 of 190 s of `snakemake -n`, docs/scale.md). Unknown names are refused by get_h5ad.
 wildcard_constraints:
-    dataset="|".join(map(re.escape, DATASETS)) if DATASETS else "NONE",
+    dataset=r"[^/]+",
     model=re.escape(MODEL),
     shard=r"\d{4}",
 
 
 def get_h5ad(wildcards):
-    return DATASETS[wildcards.dataset]
+    return DATASETS[known_dataset(wildcards.dataset)]
 
 
-def count_cells(path):
-    """Cells of an input file (from its header); None when h5py is not importable here."""
-    try:
-        sys.path.insert(0, str(SCRIPTS_DIR))
-        from geneformer_workflow._io import count_cells as read_count
-    except ImportError:
-        return None
-    return read_count(path, config["counts"])
+def known_dataset(name):
+    """``name`` when it is an input's dataset name, else a clear error (a target for a file nobody gave)."""
+    if name not in DATASETS:
+        raise ValueError(
+            f"results of dataset {name!r} were requested, but no input file is named {name}.h5ad "
+            f"(config 'inputs' gives {len(DATASETS)} files)"
+        )
+    return name
+
+
+# Cells per input, cached per file state (size, mtime, inode), so that planning (here, and again inside every
+# cluster job) opens only new or changed inputs: geneformer_workflow/_plan.py, docs/scale.md.
+INPUT_CELLS_CACHE = ".snakemake/geneformer/input_cells.json"
 
 
 def plan_shards(datasets, shard_cells):
-    """Row ranges (start, stop) per dataset: large files are tokenized as parallel shards."""
-    plan = {}
-    for name, path in datasets.items():
-        n = count_cells(path)
-        if n is None:
-            plan[name] = [(0, None)]
-        else:
-            plan[name] = [(lo, min(lo + shard_cells, n)) for lo in range(0, max(n, 1), shard_cells)]
-    return plan
+    """Row ranges (start, stop) per dataset: large files are tokenized as parallel shards.
+
+    Without h5py where Snakemake runs (e.g. --use-conda with a bare Snakemake), every file is one shard.
+    """
+    if str(SCRIPTS_DIR) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS_DIR))
+    try:
+        from geneformer_workflow._plan import cached_cell_counts, plan_row_ranges
+    except ImportError:
+        return {name: [(0, None)] for name in datasets}
+    cells = cached_cell_counts(datasets, config["counts"], INPUT_CELLS_CACHE)
+    return {name: plan_row_ranges(n, shard_cells) for name, n in cells.items()}
 
 
 SHARDS = plan_shards(DATASETS, config["tokenize"]["shard_cells"])
 
 
 def get_shard_rows(wildcards):
-    start, stop = SHARDS[wildcards.dataset][int(wildcards.shard)]
+    shards = SHARDS[known_dataset(wildcards.dataset)]
+    if int(wildcards.shard) >= len(shards):
+        raise ValueError(
+            f"shard {wildcards.shard} of dataset {wildcards.dataset!r} was requested, but with tokenize.shard_cells "
+            f"{config['tokenize']['shard_cells']} it has {len(shards)} shard(s)"
+        )
+    start, stop = shards[int(wildcards.shard)]
     return "" if stop is None else f"--rows {start}:{stop}"
 
 
 def get_dataset_shards(wildcards):
     """The corpus shards of one dataset, in row order."""
-    return [f"results/tokenized/{wildcards.dataset}/shard-{i:04d}.parquet" for i in range(len(SHARDS[wildcards.dataset]))]
+    shards = SHARDS[known_dataset(wildcards.dataset)]
+    return [f"results/tokenized/{wildcards.dataset}/shard-{i:04d}.parquet" for i in range(len(shards))]
 
 
 def get_corpus_shards(wildcards=None):
@@ -162,6 +185,16 @@ def get_corpus_shards(wildcards=None):
 def get_corpus_indexes(wildcards=None):
     """The dataset index (dataset.json) of every dataset: the exact shards of the corpus."""
     return [f"results/tokenized/{name}/dataset.json" for name in DATASETS]
+
+
+# The training store (store.smk): one part per corpus shard, and its index, the trainer's one data path.
+STORE_INDEX = "results/store/store.json"
+
+
+def get_store_parts(wildcards=None):
+    """The training store part (its manifest) of every corpus shard, in corpus order."""
+    prefix = len("results/tokenized/")
+    return [f"results/store/{path[prefix:].removesuffix('.parquet')}.json" for path in get_corpus_shards(wildcards)]
 
 
 def input_options():
@@ -215,10 +248,13 @@ def hydra_quote(value):
     return f"'{text}'"
 
 
-def pretrain_overrides(corpus, vocab_dir, run_dir):
-    """The Hydra overrides of the pretraining job (the report shows the config they compose to)."""
+def pretrain_overrides(store, vocab_dir, run_dir):
+    """The Hydra overrides of the pretraining job (the report shows the config they compose to).
+
+    The corpus reaches the trainer as one path, the training store's index, whatever its number of shards.
+    """
     return [
-        f"data.corpus=[{','.join(map(hydra_quote, corpus))}]",
+        f"data.store={hydra_quote(store)}",
         f"data.vocab_dir={hydra_quote(vocab_dir)}",
         f"data.max_length={PRESET_MAX_LENGTH}",
         f"run_dir={hydra_quote(run_dir)}",
@@ -238,7 +274,9 @@ def get_pretrain_job():
     job.update({key: int(pretrain[key]) for key in PRETRAIN_SHAPE_KEYS if pretrain.get(key) is not None})
     missing = [f"pretrain.{key}" for key in PRETRAIN_SHAPE_KEYS if job.get(key) is None]
     if missing:
-        raise ValueError(f"config 'pretrain': no job shape for model {MODEL!r}: add pretrain.sizes.{MODEL} or set {missing}")
+        raise ValueError(
+            f"config 'pretrain': no job shape for model {MODEL!r}: add pretrain.sizes.{MODEL} or set {missing}"
+        )
     # SLURM task slots per node: one per torchrun process, but at least 2, because the SLURM executor
     # plugin refuses srun-launched ("mpi") jobs with one task per node. They only size the allocation:
     # the training step is one task per node holding all of the node's CPUs (get_pretrain_launch).
@@ -276,3 +314,23 @@ def get_pretrain_launch(wildcards, resources):
 
 
 PRETRAIN_JOB = get_pretrain_job()
+
+
+# ---- the evaluation (evaluate.smk); the plan lives in geneformer_workflow/_evaluation_plan.py -----------------------
+if str(SCRIPTS_DIR) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS_DIR))
+from geneformer_workflow._evaluation_plan import checkpoint_files, evaluation_options, find_evaluations
+
+EVALUATIONS = find_evaluations(config["evaluate"])
+
+
+def get_evaluation_h5ad(wildcards):
+    return EVALUATIONS[wildcards.evaluation]["path"]
+
+
+def get_checkpoint_files(wildcards=None):
+    return checkpoint_files(config["evaluate"])
+
+
+def get_evaluation_options(wildcards):
+    return evaluation_options(EVALUATIONS[wildcards.evaluation], config, model=MODEL, export_dir=EXPORT_DIR)

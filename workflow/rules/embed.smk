@@ -9,6 +9,12 @@ rule embed_cells:
         "logs/embed_cells/{model}.log",
     benchmark:
         "logs/benchmarks/embed_cells/{model}.tsv"
+    conda:
+        "../../envs/embed.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         gfw=GFW,
         # embed.hidden_state (transformers' numbering) when set, else Geneformer EmbExtractor's emb_layer
@@ -18,12 +24,6 @@ rule embed_cells:
             else f"--geneformer-emb-layer {config['embed']['geneformer_emb_layer']}"
         ),
         batch_size=lookup(dpath="embed/batch_size", within=config),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        "../../envs/embed.yaml"
     shell:
         "{params.gfw} embed --model {input.model_dir:q} {input.corpus:q} -o {output.h5ad} "
         "{params.layer} --batch-size {params.batch_size} > {log:q} 2>&1"
@@ -43,13 +43,13 @@ rule plot_cell_embeddings:
         ),
     log:
         "logs/plot_cell_embeddings/{model}.log",
-    params:
-        gfw=GFW,
+    conda:
+        "../../envs/report.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=30,
-    conda:
-        "../../envs/report.yaml"
+    params:
+        gfw=GFW,
     shell:
         "{params.gfw} plot umap {input.h5ad:q} -o {output.umap:q} --qc {input.qc:q} > {log:q} 2>&1"

@@ -1,6 +1,9 @@
 rule pretrain_model:
     """Pretrain the masked-LM with torchrun (FSDP2 on CPU, see config/train/); resumes from its checkpoints.
 
+    It opens the training store (store.smk) that CPU jobs built, shared by every model size; the corpus
+    reaches it as the store's one index path, never as a list of shards on the command line.
+
     Only final.json is an output: the checkpoints beside it survive a failed, killed or preempted job,
     and the next attempt resumes from the latest one. The job shape (nodes, GPUs, CPUs, memory, time)
     comes from pretrain.sizes for the model size. Inside a SLURM job (the SLURM executor's jobs) srun
@@ -8,7 +11,7 @@ rule pretrain_model:
     machine it runs torchrun --standalone (docs/slurm.md).
     """
     input:
-        corpus=get_corpus_indexes(),
+        store=rules.store_index.output.index,
         vocab=rules.build_vocabulary.output.vocab,
     output:
         final="results/pretrain/{model}/final.json",
@@ -16,16 +19,8 @@ rule pretrain_model:
         "logs/pretrain_model/{model}.log",
     benchmark:
         "logs/benchmarks/pretrain_model/{model}.tsv"
-    params:
-        python=PYTHON,
-        scripts=SCRIPTS_DIR,
-        launch=get_pretrain_launch,
-        node_launcher=SCRIPTS_DIR / "torchrun_node.sh",
-        nproc=PRETRAIN_JOB["nproc_per_node"],
-        config_dir=TRAIN_CONFIG_DIR,
-        overrides=lambda wildcards, input, output: shlex.join(
-            pretrain_overrides(input.corpus, input.vocab, subpath(output.final, parent=True))
-        ),
+    conda:
+        "../../envs/pretrain.yaml"
     threads: PRETRAIN_JOB["cpus_per_node"]
     resources:
         # Per node: SLURM's --mem is per node, and every node runs the same share of the work.
@@ -38,8 +33,16 @@ rule pretrain_model:
         mpi="srun",
         tasks_per_node=PRETRAIN_JOB["tasks_per_node"],
         cpus_per_task=PRETRAIN_JOB["cpus_per_task"],
-    conda:
-        "../../envs/pretrain.yaml"
+    params:
+        python=PYTHON,
+        scripts=SCRIPTS_DIR,
+        launch=get_pretrain_launch,
+        node_launcher=SCRIPTS_DIR / "torchrun_node.sh",
+        nproc=PRETRAIN_JOB["nproc_per_node"],
+        config_dir=TRAIN_CONFIG_DIR,
+        overrides=lambda wildcards, input, output: shlex.join(
+            pretrain_overrides(input.store, input.vocab, subpath(output.final, parent=True))
+        ),
     shell:
         "PYTHONPATH={params.scripts:q}${{PYTHONPATH:+:$PYTHONPATH}} OMP_NUM_THREADS=1 "
         "{params.launch} bash {params.node_launcher:q} {resources.nodes} {params.nproc} {params.python} "
@@ -60,14 +63,14 @@ rule export_model:
         model_dir=directory("results/export/{model}"),
     log:
         "logs/export_model/{model}.log",
-    params:
-        gfw=GFW,
-        run_dir=subpath(input.final, parent=True),
+    conda:
+        "../../envs/pretrain.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=30,
-    conda:
-        "../../envs/pretrain.yaml"
+    params:
+        gfw=GFW,
+        run_dir=subpath(input.final, parent=True),
     shell:
         "{params.gfw} export {params.run_dir:q} {output.model_dir:q} --vocab-dir {input.vocab:q} > {log:q} 2>&1"

@@ -13,16 +13,16 @@ rule qc_dataset:
         ),
     log:
         "logs/qc_dataset/{dataset}.log",
-    params:
-        gfw=GFW,
-        options=input_options(),
-        thresholds=qc_options(),
+    conda:
+        "../../envs/tokenize.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../../envs/tokenize.yaml"
+    params:
+        gfw=GFW,
+        options=input_options(),
+        thresholds=qc_options(),
     shell:
         "{params.gfw} qc {input.h5ad:q} -o {output.cells:q} --summary {output.summary:q} --plot {output.plot:q} "
         "{params.options} {params.thresholds} > {log:q} 2>&1"

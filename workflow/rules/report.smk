@@ -2,12 +2,11 @@
 
 import json
 
-
 # The manifest beside every corpus shard (cells, genes mapped, tokens, vocabulary).
 CORPUS_MANIFESTS = [path.removesuffix(".parquet") + ".manifest.json" for path in get_corpus_shards()]
 # The Hydra overrides of the pretraining job (the same function builds them), to show its composed config.
 TRAINING_OVERRIDES = json.dumps(
-    pretrain_overrides(get_corpus_indexes(), "results/reference/vocab", f"results/pretrain/{MODEL}")
+    pretrain_overrides(STORE_INDEX, "results/reference/vocab", f"results/pretrain/{MODEL}")
 )
 
 
@@ -25,17 +24,18 @@ rule summarize_corpus:
         ),
     log:
         "logs/summarize_corpus/all.log",
-    params:
-        gfw=GFW,
+    conda:
+        "../../envs/report.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/report.yaml"
+    params:
+        gfw=GFW,
     shell:
-        "{params.gfw} plot corpus-summary --qc-summary {input.qc:q} --manifest {input.manifests:q} -o {output.html:q} "
-        "> {log:q} 2>&1"
+        # The lists reach gfw through a pipe (printf is a shell builtin: no argument limit), not its command line.
+        "printf '%s\\n' --qc-summary {input.qc:q} --manifest {input.manifests:q} "
+        "| {params.gfw} plot corpus-summary @/dev/stdin -o {output.html:q} > {log:q} 2>&1"
 
 
 rule plot_cell_lengths:
@@ -52,16 +52,16 @@ rule plot_cell_lengths:
         ),
     log:
         "logs/plot_cell_lengths/all.log",
-    params:
-        gfw=GFW,
+    conda:
+        "../../envs/report.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=10,
-    conda:
-        "../../envs/report.yaml"
+    params:
+        gfw=GFW,
     shell:
-        "{params.gfw} plot cell-lengths {input.corpus:q} -o {output.plot:q} > {log:q} 2>&1"
+        "printf '%s\\n' {input.corpus:q} | {params.gfw} plot cell-lengths @/dev/stdin -o {output.plot:q} > {log:q} 2>&1"
 
 
 rule plot_training_curves:
@@ -83,15 +83,15 @@ rule plot_training_curves:
         ),
     log:
         "logs/plot_training_curves/{model}.log",
-    params:
-        gfw=GFW,
-        run_dir=subpath(input.final, parent=True),
+    conda:
+        "../../envs/report.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/report.yaml"
+    params:
+        gfw=GFW,
+        run_dir=subpath(input.final, parent=True),
     shell:
         "{params.gfw} plot training {params.run_dir} --loss {output.loss:q} --throughput {output.throughput:q} "
         "> {log:q} 2>&1"
@@ -111,18 +111,18 @@ rule write_run_configuration:
         ),
     log:
         "logs/write_run_configuration/{model}.log",
+    conda:
+        "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         gfw=GFW,
         run_dir=subpath(input.final, parent=True),
         config_dir=TRAIN_CONFIG_DIR,
         workflow_config=json.dumps(config),
         overrides=TRAINING_OVERRIDES,
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "../../envs/report.yaml"
     shell:
         "{params.gfw} plot configuration -o {output.html:q} --model-dir {input.model_dir:q} --run-dir {params.run_dir} "
         "--train-config-dir {params.config_dir} --model {wildcards.model} "

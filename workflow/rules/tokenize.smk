@@ -14,6 +14,12 @@ rule tokenize_dataset:
         "logs/tokenize_dataset/{dataset}/shard-{shard}.log",
     benchmark:
         "logs/benchmarks/tokenize_dataset/{dataset}/shard-{shard}.tsv"
+    conda:
+        "../../envs/tokenize.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
     params:
         gfw=GFW,
         options=input_options(),
@@ -22,12 +28,6 @@ rule tokenize_dataset:
         validation_fraction=lookup(dpath="tokenize/validation_fraction", within=config),
         rows=get_shard_rows,
         encoding=lookup(dpath="tokenize/parquet_encoding", within=config),
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=120,
-    conda:
-        "../../envs/tokenize.yaml"
     shell:
         "{params.gfw} tokenize {input.h5ad:q} {output.parquet:q} --token-dictionary {input.vocab:q} "
         "--gene-medians {input.medians:q} --preset {params.preset} --cell-filter {input.cells:q} "
@@ -49,13 +49,13 @@ rule index_dataset:
         lengths_pkl="results/tokenized/{dataset}/dataset.lengths.pkl",
     log:
         "logs/index_dataset/{dataset}.log",
-    params:
-        gfw=GFW,
+    conda:
+        "../../envs/tokenize.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/tokenize.yaml"
+    params:
+        gfw=GFW,
     shell:
         "{params.gfw} index {input.shards:q} -o {output.index:q} > {log:q} 2>&1"

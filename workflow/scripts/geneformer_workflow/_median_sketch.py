@@ -72,11 +72,82 @@ def move_rows(matrix: sp.csr_matrix, rows: np.ndarray, n_rows: int) -> sp.csr_ma
     return sp.csr_matrix((matrix.data, matrix.indices, indptr), shape=(n_rows, matrix.shape[1]))
 
 
+class BinCounts:
+    """Dense histogram rows (``N_BINS`` int32 counts each), allocated only for genes that have binned values.
+
+    Adding is one ``np.add.at`` into the rows (no sparse matrix rebuilt per step, whose cost grew with
+    the merged state: 21 ms a step at 16,576 genes). Memory: 6.5 KB per binned gene (390 MB at 60,000
+    genes), whatever the number of steps; the block grows by a quarter at a time.
+    """
+
+    def __init__(self, n_genes: int) -> None:
+        """No counts yet for ``n_genes`` genes."""
+        self.slot = np.full(n_genes, -1, dtype=np.int64)
+        self.counts = np.zeros((0, N_BINS), dtype=np.int32)
+        self.n_rows = 0
+
+    def regenes(self, old_rows: np.ndarray, n_genes: int) -> None:
+        """The gene list grew to ``n_genes``: gene ``i`` is now gene ``old_rows[i]`` (counts stay in place)."""
+        slot = np.full(n_genes, -1, dtype=np.int64)
+        slot[old_rows] = self.slot
+        self.slot = slot
+
+    def add_values(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Count each ``values[i]`` in the bin of gene ``rows[i]``."""
+        if rows.size:
+            self._add(rows, bin_index(values), 1)
+
+    def add_histogram(self, histogram: sp.csr_matrix) -> None:
+        """Add a histogram whose rows are this gene list's."""
+        if histogram.nnz:
+            rows = np.repeat(np.arange(histogram.shape[0]), np.diff(histogram.indptr))
+            self._add(rows, histogram.indices, histogram.data)
+
+    def _add(self, rows: np.ndarray, bins: np.ndarray, counts: np.ndarray | int) -> None:
+        self._allocate(rows)
+        flat = self.counts.reshape(-1)
+        np.add.at(flat, self.slot[rows] * N_BINS + bins, np.asarray(counts, dtype=np.int32))
+
+    def _allocate(self, rows: np.ndarray) -> None:
+        """Give every gene of ``rows`` a row of counts."""
+        new = np.unique(rows[self.slot[rows] < 0])
+        if not new.size:
+            return
+        needed = self.n_rows + new.size
+        if needed > self.counts.shape[0]:
+            grown = np.zeros((max(needed, self.counts.shape[0] * 5 // 4), N_BINS), dtype=np.int32)
+            grown[: self.n_rows] = self.counts[: self.n_rows]
+            self.counts = grown
+        self.slot[new] = np.arange(self.n_rows, needed)
+        self.n_rows = needed
+
+    def to_csr(self) -> sp.csr_matrix:
+        """Canonical int64 CSR (genes x ``N_BINS``): sorted bins, no explicit zeros.
+
+        Converted ``TO_CSR_ROWS`` genes at a time, so that the dense block is never copied whole.
+        """
+        genes = np.flatnonzero(self.slot >= 0)
+        lengths = np.zeros(self.slot.size, dtype=np.int64)
+        data, bins = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+        for start in range(0, genes.size, TO_CSR_ROWS):
+            part = genes[start : start + TO_CSR_ROWS]
+            block = self.counts[self.slot[part]]  # (genes of this part, N_BINS), in gene order
+            rows, columns = np.nonzero(block)
+            lengths[part] = np.bincount(rows, minlength=part.size)
+            data.append(block[rows, columns].astype(np.int64))
+            bins.append(columns.astype(np.int32))
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        return sp.csr_matrix((np.concatenate(data), np.concatenate(bins), indptr), shape=(self.slot.size, N_BINS))
+
+
+TO_CSR_ROWS = 4096
+
+
 class Accumulator:
     """Per-gene exact values (within the bound) and histogram (beyond), built step by step.
 
     Invariant between steps: a gene has pooled values iff ``n_detected <= max_exact``, and then all of
-    them; otherwise all its values are counted in ``histogram``.
+    them; otherwise all its values are counted in ``bins``.
     """
 
     def __init__(self, gene_ids: np.ndarray, max_exact: int) -> None:
@@ -90,7 +161,7 @@ class Accumulator:
         self.n_detected = np.zeros(self.gene_ids.size, dtype=np.int64)
         self.pool_rows: list[np.ndarray] = []
         self.pool_values: list[np.ndarray] = []
-        self.histogram = sp.csr_matrix((self.gene_ids.size, N_BINS), dtype=np.int64)
+        self.bins = BinCounts(self.gene_ids.size)
 
     def add_values(self, rows: np.ndarray, values: np.ndarray, n_cells: int) -> None:
         """Add ``values[i]`` of gene ``gene_ids[rows[i]]``, observed in ``n_cells`` cells."""
@@ -111,16 +182,15 @@ class Accumulator:
         counts = np.zeros(self.gene_ids.size, dtype=np.int64)
         counts[rows] = n_detected
         value_rows = np.repeat(rows, np.diff(exact_offsets(n_detected, max_exact)))
-        moved = move_rows(histogram, rows, self.gene_ids.size)
+        moved = histogram if rows.size == self.gene_ids.size else move_rows(histogram, rows, self.gene_ids.size)
         self._add(counts, value_rows, exact_values, moved, n_cells, min(self.max_exact, max_exact))
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, sp.csr_matrix, int, int]:
         """``(gene_ids, n_detected, exact_values, histogram, n_cells, max_exact)``, exact values sorted."""
         rows = np.concatenate([np.zeros(0, dtype=np.int64), *self.pool_rows])
         values = np.concatenate([np.zeros(0, dtype=np.float64), *self.pool_values])
-        self.histogram.sort_indices()
         exact = sorted_by_gene(rows, values)
-        return self.gene_ids, self.n_detected, exact, self.histogram, self.n_cells, self.max_exact
+        return self.gene_ids, self.n_detected, exact, self.bins.to_csr(), self.n_cells, self.max_exact
 
     def _union(self, gene_ids: np.ndarray) -> np.ndarray:
         """Grow the gene list by ``gene_ids``; return their rows in it."""
@@ -132,7 +202,7 @@ class Accumulator:
             n_detected = np.zeros(genes.size, dtype=np.int64)
             n_detected[old] = self.n_detected
             self.n_detected = n_detected
-            self.histogram = move_rows(self.histogram, old, genes.size)
+            self.bins.regenes(old, genes.size)
             self.pool_rows = [old[r] for r in self.pool_rows]
             self.gene_ids = genes
         return np.searchsorted(genes, gene_ids)
@@ -150,40 +220,28 @@ class Accumulator:
         pooled_before = self.n_detected <= self.max_exact
         self.max_exact = max_exact
         self.n_detected += counts
+        if self.n_detected.size and self.n_detected.max() > INT32_MAX:
+            msg = f"a gene is detected in more than {INT32_MAX:,} cells: more than the histogram's int32 counts hold"
+            raise ValueError(msg)
         exact_gene = self.n_detected <= self.max_exact
         pooled = exact_gene[rows]
         binned = ~pooled
-        binned_rows, binned_values = [rows[binned]], [values[binned]]
+        self.bins.add_values(rows[binned], values[binned])
         if (pooled_before & ~exact_gene).any() and self.pool_rows:  # genes that just passed the bound
-            pool_rows, pool_values = np.concatenate(self.pool_rows), np.concatenate(self.pool_values)
+            pool_rows, pool_values = _joined(self.pool_rows), _joined(self.pool_values)
             stay = exact_gene[pool_rows]
-            binned_rows.append(pool_rows[~stay])
-            binned_values.append(pool_values[~stay])
+            self.bins.add_values(pool_rows[~stay], pool_values[~stay])
             self.pool_rows, self.pool_values = [pool_rows[stay]], [pool_values[stay]]
         if pooled.any():
             self.pool_rows.append(rows[pooled])
             self.pool_values.append(values[pooled])
         if histogram is not None:
-            self.histogram = self.histogram + histogram
-        binned_rows, binned_values = _joined(binned_rows), _joined(binned_values)
-        if binned_rows.size:
-            self.histogram = self.histogram + histogram_of(binned_rows, binned_values, self.gene_ids.size)
+            self.bins.add_histogram(histogram)
         self.n_cells += int(n_cells)
+
+
+INT32_MAX = np.iinfo(np.int32).max
 
 
 def _joined(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-def histogram_of(rows: np.ndarray, values: np.ndarray, n_rows: int) -> sp.csr_matrix:
-    """Canonical CSR histogram (``n_rows`` x ``N_BINS``) counting ``values[i]`` in row ``rows[i]``.
-
-    One sort of ``row * N_BINS + bin`` keys (3x faster than scipy's COO to CSR conversion, which sorts
-    each row's indices and sums duplicates afterwards).
-    """
-    keys = np.asarray(rows, dtype=np.int64) * N_BINS + bin_index(values)
-    keys.sort()
-    first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
-    unique, counts = keys[first], np.diff(np.append(first, keys.size))
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(unique // N_BINS, minlength=n_rows))])
-    return sp.csr_matrix((counts.astype(np.int64), (unique % N_BINS).astype(np.int32), indptr), shape=(n_rows, N_BINS))

@@ -2,15 +2,20 @@
 
 gfw qc IN.h5ad -o qc.tsv [--summary qc.json] [--plot qc.png]
 gfw summarize IN.h5ad -o summary.npz [--cell-filter qc.tsv]
-gfw medians IN.h5ad|SUMMARY.npz [...] -o gene_medians.tsv
+gfw medians IN.h5ad|SUMMARY.npz [...] [--inputs-from LIST.txt] -o gene_medians.tsv   (LIST: one path per line)
 gfw vocab gene_medians.tsv -o VOCAB_DIR [--preset v1|v2]
 gfw tokenize IN.h5ad OUT.parquet --token-dictionary PATH --gene-medians PATH --preset v1|v2
 gfw index SHARD.parquet [...] -o DATASET_DIR/dataset.json      (the shards of one dataset + lengths in shard order)
+gfw store build CORPUS... -o STORE_DIR --vocab-dir VOCAB_DIR  (the training store: what `gfw train data.store=` opens)
+gfw store part SHARD.parquet -o STORE_DIR/NAME.json --vocab-dir VOCAB_DIR   (one shard's part; the workflow's jobs)
+gfw store index --parts-list PARTS.txt | PART.json ... -o STORE_DIR/store.json   (the index over the parts)
 gfw train [--config-name sanity] [hydra overrides ...]       (under torchrun for several processes)
 gfw export CHECKPOINT OUT_DIR [--vocab-dir VOCAB_DIR]
 gfw embed --model MODEL_DIR DATASET/dataset.json|CORPUS.parquet [...] -o cells.h5ad [--geneformer-emb-layer -1|0]
 gfw hf-dataset DATASET/dataset.json|CORPUS.parquet [...] --split train|validation|all -o OUT_DIR
                                          (a datasets directory of one split + lengths.pkl, for Geneformer's tools)
+gfw evaluate DATA.h5ad --label-key KEY --model NAME MODEL_DIR [...] [--random-weights NAME] [--pca] --scores S.tsv
+                                         (cell-type scores of each model's embedding and of the baselines)
 gfw plot cell-lengths|training|umap|corpus-summary|configuration ...   (figures and tables of the report)
 """
 
@@ -122,7 +127,14 @@ def _add_summarize(sub: argparse._SubParsersAction) -> None:
 
 def _add_medians(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("medians", help="merged gene median table from h5ad files or summaries")
-    p.add_argument("inputs", type=Path, nargs="+", help=".h5ad files and/or .npz summaries")
+    p.add_argument("inputs", type=Path, nargs="*", help=".h5ad files and/or .npz summaries")
+    p.add_argument(
+        "--inputs-from",
+        type=Path,
+        default=None,
+        help="read more inputs from this file, one path per line (- = standard input): for lists too long "
+        "for a command line",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="gene_medians.tsv")
     _add_input_options(p)
     _add_overwrite_option(p)
@@ -191,6 +203,32 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     _add_overwrite_option(p)
 
 
+def _add_store(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="the training store: the corpus in the layout training reads (uint16 tokens)")
+    store = p.add_subparsers(dest="store_command", required=True)
+
+    def add_common(q: argparse.ArgumentParser, splits: bool) -> None:
+        if splits:
+            q.add_argument("--vocab-dir", type=Path, required=True, help="vocabulary the corpus was tokenized with")
+            q.add_argument("--train-split", default="train", help="`split` value of training cells (default train)")
+            q.add_argument("--validation-split", default="validation", help="`split` value of validation cells")
+        _add_overwrite_option(q)
+
+    q = store.add_parser("build", help="a whole store from a corpus: one part per shard, then the index")
+    q.add_argument("corpus", nargs="+", help="parquet files, dataset.json indexes, directories or globs, in order")
+    q.add_argument("-o", "--output", type=Path, required=True, help="store directory to write (store.json + parts)")
+    add_common(q, splits=True)
+    q = store.add_parser("part", help="one corpus shard's store part (X.tokens.npy, X.offsets.npy, X.json)")
+    q.add_argument("shard", type=Path, help="corpus shard (.parquet)")
+    q.add_argument("-o", "--output", type=Path, required=True, help="the part's X.json (its data files go beside it)")
+    add_common(q, splits=True)
+    q = store.add_parser("index", help="the store's index over its parts, in corpus order")
+    q.add_argument("parts", type=Path, nargs="*", help="part manifests (X.json), in corpus order")
+    q.add_argument("--parts-list", type=Path, help="a text file listing the part manifests, one per line")
+    q.add_argument("-o", "--output", type=Path, required=True, help="store.json to write")
+    add_common(q, splits=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``gfw`` (train, export, embed and plot parse their own arguments)."""
     parser = argparse.ArgumentParser(
@@ -198,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_qc, _add_summarize, _add_medians, _add_vocab, _add_tokenize, _add_index):
+    for add in (_add_qc, _add_summarize, _add_medians, _add_vocab, _add_tokenize, _add_index, _add_store):
         add(sub)
     sub.add_parser("train", help="pretrain (Hydra config; run under torchrun for several processes)", add_help=False)
     sub.add_parser("export", help="export a checkpoint to a Hugging Face BertForMaskedLM directory", add_help=False)
@@ -207,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hf-dataset", help="one split of a corpus as a Hugging Face datasets directory (+ lengths.pkl)", add_help=False
     )
     sub.add_parser("plot", help="figures and tables of the Snakemake report", add_help=False)
+    sub.add_parser("evaluate", help="cell-type scores of model embeddings and baselines", add_help=False)
     return parser
 
 
@@ -223,6 +262,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     inputs = [getattr(args, "h5ad", None), getattr(args, "gene_mapping", None), getattr(args, "cell_filter", None)]
     inputs += [getattr(args, "token_dictionary", None), getattr(args, "gene_medians", None)]
     inputs += list(getattr(args, "inputs", None) or [])
+    if getattr(args, "inputs_from", None) is not None and str(args.inputs_from) != "-":
+        inputs.append(args.inputs_from)  # gfw medians' list file: -o must not replace it
     if args.command == "qc":
         outputs = [args.output, args.summary, args.plot]
     elif args.command == "tokenize":
@@ -233,16 +274,40 @@ def _check_outputs(args: argparse.Namespace) -> None:
         from geneformer_workflow.corpus_index import index_paths
 
         outputs, inputs = index_paths(args.output), inputs + list(args.shards)
+    elif args.command == "store":
+        from geneformer_workflow.store import part_paths
+
+        outputs = part_paths(args.output) if args.store_command == "part" else [args.output]
+        inputs += [getattr(args, "shard", None), *getattr(args, "parts", [])]
     else:
         outputs = [args.output]
     outputs = [p for p in outputs if p is not None]
     if len({Path(p).resolve() for p in outputs}) != len(outputs):
         msg = f"the output paths {[str(p) for p in outputs]} must differ from each other"
         raise ValueError(msg)
-    check_outputs(outputs, inputs=inputs, overwrite=args.overwrite, directory=args.command == "vocab")
+    directory = args.command == "vocab" or (args.command == "store" and args.store_command == "build")
+    check_outputs(outputs, inputs=inputs, overwrite=args.overwrite, directory=directory)
+
+
+def _read_path_list(path: Path) -> list[Path]:
+    """Paths listed one per line in ``path`` (``-``: standard input); blank lines are skipped."""
+    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    return [Path(line) for line in text.splitlines() if line.strip()]
+
+
+def _medians_inputs(args: argparse.Namespace) -> list[Path]:
+    """The inputs of ``gfw medians``: those on the command line, then those of ``--inputs-from``."""
+    inputs = list(args.inputs) + (_read_path_list(args.inputs_from) if args.inputs_from else [])
+    if not inputs:
+        source = f"{args.inputs_from} lists no path" if args.inputs_from else "no input given"
+        msg = f"{source}: give .h5ad files or .npz summaries (or --inputs-from FILE with one path per line)"
+        raise ValueError(msg)
+    return inputs
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.command == "medians":
+        args.inputs = _medians_inputs(args)
     _check_outputs(args)
     if args.command == "qc":
         from geneformer_workflow.qc import QCThresholds, run_qc
@@ -292,6 +357,8 @@ def _run(args: argparse.Namespace) -> None:
         _run_vocab(args)
     elif args.command == "tokenize":
         _run_tokenize(args)
+    elif args.command == "store":
+        _run_store(args)
     elif args.command == "index":
         from geneformer_workflow.corpus_index import write_dataset_index
 
@@ -303,6 +370,39 @@ def _run(args: argparse.Namespace) -> None:
             index.info["n_cells"],
             index.info["n_tokens"],
         )
+
+
+def _run_store(args: argparse.Namespace) -> None:
+    from geneformer_workflow.store import SplitValues, build_store, read_parts_list, write_index, write_part
+
+    if args.store_command == "index":
+        parts = list(args.parts) + (read_parts_list(args.parts_list) if args.parts_list else [])
+        info = write_index(parts, args.output, overwrite=args.overwrite)
+    else:
+        from geneformer_workflow.vocab import load_token_dictionary, token_dictionary_sha256
+
+        tokens = load_token_dictionary(args.vocab_dir)
+        vocab = {"vocab_size": max(tokens.values()) + 1, "token_dictionary_sha256": token_dictionary_sha256(tokens)}
+        splits = SplitValues(train=args.train_split, validation=args.validation_split)
+        if args.store_command == "part":
+            info = write_part(args.shard, args.output, splits=splits, overwrite=args.overwrite, **vocab)
+        else:
+            from geneformer_workflow._atomic import atomic_path
+            from geneformer_workflow.corpus_index import resolve_corpus_inputs
+
+            files = resolve_corpus_inputs(args.corpus, unindexed=True)
+            owned = lambda name: name == "store.json" or name.startswith("part-")  # noqa: E731
+            with atomic_path(args.output, inputs=files, overwrite=args.overwrite, directory=True, owned=owned) as tmp:
+                tmp.mkdir()
+                info = build_store(files, tmp, splits=splits, **vocab)
+    log.info(
+        "%s: %d train cells (%d tokens), %d validation cells (%d tokens)",
+        args.output,
+        info["train"]["cells"],
+        info["train"]["tokens"],
+        info["validation"]["cells"],
+        info["validation"]["tokens"],
+    )
 
 
 def _run_vocab(args: argparse.Namespace) -> None:
@@ -349,7 +449,7 @@ def _run_tokenize(args: argparse.Namespace) -> None:
 
 
 def _run_torch_command(argv: list[str]) -> int:
-    """``train``, ``export``, ``embed``, ``hf-dataset`` and ``plot`` parse their own arguments."""
+    """``train``, ``export``, ``embed``, ``hf-dataset``, ``plot`` and ``evaluate`` parse their own arguments."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv[0] == "train":
         from geneformer_workflow.train import cli_main
@@ -359,6 +459,8 @@ def _run_torch_command(argv: list[str]) -> int:
         from geneformer_workflow.embed import cli_main
     elif argv[0] == "hf-dataset":
         from geneformer_workflow.hf_dataset import cli_main
+    elif argv[0] == "evaluate":
+        from geneformer_workflow.evaluate.cli import cli_main
     else:
         from geneformer_workflow.plots import cli_main
     return cli_main(argv[1:])
@@ -367,7 +469,7 @@ def _run_torch_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gfw``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "export", "embed", "hf-dataset", "plot"):
+    if argv and argv[0] in ("train", "export", "embed", "hf-dataset", "plot", "evaluate"):
         return _run_torch_command(argv)
     # The data steps make no BLAS calls, but OpenBLAS's idle worker threads spin for ~0.15 s of CPU
     # after numpy is imported; with one thread there are none (set before numpy is first imported).

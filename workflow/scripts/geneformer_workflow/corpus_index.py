@@ -100,7 +100,7 @@ def verify_shard(parquet: str | Path) -> dict[str, Any] | None:
             "killed or failed while writing it); rerun the tokenize step (Snakemake: --rerun-incomplete)"
         )
         raise InputError(msg)
-    manifest = _read_json(manifest_file, "shard manifest")
+    manifest = read_json_input(manifest_file, "shard manifest")
     if manifest.get("write_id") != write_id:
         msg = (
             f"{parquet}: its manifest {manifest_file.name} describes another write of this file (write ids "
@@ -110,7 +110,7 @@ def verify_shard(parquet: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json_input(path: Path, what: str) -> dict[str, Any]:
     """A JSON object file, with errors that name the file (``InputError``)."""
     try:
         return read_json_object(path, what, "{...}")
@@ -234,7 +234,7 @@ def read_dataset_index(path: str | Path) -> DatasetIndex:
     path = Path(path)
     if path.is_dir():
         path = path / INDEX_NAME
-    info = _read_json(path, "dataset index")
+    info = read_json_input(path, "dataset index")
     if info.get("format") != INDEX_FORMAT or not isinstance(info.get("shards"), list):
         msg = f"{path}: not a dataset index of format {INDEX_FORMAT} (written by `gfw index`)"
         raise InputError(msg)

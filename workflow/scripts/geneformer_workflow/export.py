@@ -9,52 +9,13 @@ Runs on one process without a process group: DCP reassembles the shards that all
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ._atomic import OutputError, check_outputs
-from .model import GeneformerForMaskedLM, ModelConfig, save_hf_state_dict
-from .train.checkpoint import (
-    FINAL_FILE,
-    MODEL_CONFIG_FILE,
-    CheckpointError,
-    check_complete,
-    final_checkpoint,
-    latest_checkpoint,
-    load_model_weights,
-)
+from .model import save_hf_state_dict
+from .train.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
 
 __all__ = ["cli_main", "export_checkpoint", "load_checkpoint_model", "resolve_checkpoint"]
-
-
-def resolve_checkpoint(checkpoint: str | Path) -> Path:
-    """A ``step_<n>`` directory from a run dir (``final.json``, else the newest checkpoint) or a step dir."""
-    path = Path(checkpoint)
-    if (path / MODEL_CONFIG_FILE).is_file() or path.name.startswith("step_"):
-        return path
-    final = path / FINAL_FILE
-    if final.is_file():
-        return final_checkpoint(path)  # refuses a final.json that points outside the run directory
-    latest = latest_checkpoint(path)
-    if latest is None:
-        msg = f"{path} is neither a checkpoint (step_<n>) nor a run directory with checkpoints"
-        raise FileNotFoundError(msg)
-    return latest
-
-
-def load_checkpoint_model(checkpoint: str | Path) -> tuple[GeneformerForMaskedLM, dict]:
-    """Build the model from ``model_config.json`` and load the checkpoint's weights (fp32, eval mode).
-
-    Returns:
-        ``(model, checkpoint.json contents)``.
-    """
-    path = resolve_checkpoint(checkpoint)
-    meta = check_complete(path)
-    config = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG_FILE).read_text()))
-    config.gradient_checkpointing = False  # a training option; the export config never carries it
-    model = GeneformerForMaskedLM(config)
-    load_model_weights(path, model)
-    return model.eval(), meta
 
 
 def export_checkpoint(

@@ -230,7 +230,8 @@ class ExpressionSummary:
             self.histogram.check_format(full_check=True)
         except ValueError as err:
             problems.append(f"histogram: {err}")
-        if self.gene_ids.size > 1 and not (self.gene_ids[1:].astype(str) > self.gene_ids[:-1].astype(str)).all():
+        ids = self.gene_ids.astype(str) if self.gene_ids.dtype != object else self.gene_ids  # str objects: no copy
+        if ids.size > 1 and not (ids[1:] > ids[:-1]).all():
             problems.append("gene ids are not sorted and unique")
         if n.shape != self.gene_ids.shape or (n < 0).any():
             problems.append("cell counts per gene do not match the genes")

@@ -395,7 +395,11 @@ def _compose(config_dir: Path, name: str, overrides: list[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """``gfw plot`` arguments: one subcommand per figure or table."""
-    parser = argparse.ArgumentParser(prog="gfw plot", description="Figures and tables of the Snakemake report.")
+    # @FILE reads more arguments from FILE, one per line: the workflow pipes lists of thousands of paths through
+    # @/dev/stdin, since one program's arguments are capped (Linux: 128 KiB each, ~2 MiB in all).
+    parser = argparse.ArgumentParser(
+        prog="gfw plot", description="Figures and tables of the Snakemake report.", fromfile_prefix_chars="@"
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
     sub = _SubcommandsWithOptions(parser.add_subparsers(dest="what", required=True), common)

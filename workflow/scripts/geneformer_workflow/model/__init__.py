@@ -2,25 +2,20 @@
 
 Modules: ``config`` (``ModelConfig``, ``MODEL_PRESETS``), ``layers`` (one layer from swappable Linear /
 LayerNorm / attention primitives), ``packing`` (unpadded "thd" batches), ``bert`` (the model), ``hf`` (export to /
-import from Hugging Face directories), ``te`` (Transformer Engine primitives, TE <-> HF names, FP8 autocast; TE is
-imported only when used). See docs/model.md.
+import from Hugging Face directories), ``te`` (Transformer Engine primitives), ``te_names`` (TE <-> HF state-dict
+keys), ``fp8`` (FP8 recipes and autocast); TE is imported only when used. See docs/model.md.
 """
 
 from __future__ import annotations
 
 from .bert import IGNORE_INDEX, GeneformerForMaskedLM, MaskedLMOutput
 from .config import MODEL_PRESETS, ModelConfig, num_parameters
+from .fp8 import fp8_autocast_context, resolve_fp8_recipe
 from .hf import load_hf_directory, save_hf_directory, save_hf_state_dict, to_hf_state_dict
 from .layers import TORCH_PRIMITIVES, Primitives
 from .packing import PackedSequences, unpad
-from .te import (
-    fp8_autocast_context,
-    hf_state_dict_to_te,
-    require_te,
-    resolve_fp8_recipe,
-    te_primitives,
-    te_state_dict_to_hf,
-)
+from .te import require_te, te_primitives
+from .te_names import hf_state_dict_to_te, te_state_dict_to_hf
 
 __all__ = [
     "IGNORE_INDEX",

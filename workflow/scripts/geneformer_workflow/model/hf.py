@@ -19,7 +19,7 @@ import torch
 from .._atomic import atomic_path
 from .bert import GeneformerForMaskedLM
 from .config import ModelConfig
-from .te import te_state_dict_to_hf
+from .te_names import te_state_dict_to_hf
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from ..model import te as _te
-from . import parallel as _parallel
+from ..errors import SetupError
 from .checkpoint import CheckpointError
 from .config import DEFAULT_CONFIG_DIR, check_environment, compose_config, validate_config
 from .corpus import CacheWriteError
@@ -58,11 +57,7 @@ _USER_ERRORS = (
     CheckpointError,
     CacheWriteError,
     NonFiniteLossError,
-)
-# Functions whose RuntimeErrors are such messages (missing CUDA, Transformer Engine or megatron-fsdp). A
-# RuntimeError from anywhere else (torch, CUDA) is unexpected and keeps its traceback.
-_CHECKS_RAISING_RUNTIME_ERROR = frozenset(
-    f.__code__ for f in (_te.require_te, _parallel.require_te, _parallel.wrap_model_mfsdp)
+    SetupError,  # missing CUDA, Transformer Engine or megatron-fsdp
 )
 
 
@@ -134,14 +129,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is reported in one line (its message names the fix) rather than with a traceback."""
-    if isinstance(err, _USER_ERRORS):
-        return True
-    if type(err) is not RuntimeError:
-        return False
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code in _CHECKS_RAISING_RUNTIME_ERROR
+    return isinstance(err, _USER_ERRORS)
 
 
 def _error_line(err: BaseException) -> str:
@@ -152,5 +140,6 @@ def _error_line(err: BaseException) -> str:
         "Could not override 'x'. To append use +x=1"
     """
     message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    own = type(err).__module__.startswith("geneformer_workflow")  # e.g. CheckpointError, NonFiniteLossError
+    # The class name of e.g. CheckpointError or NonFiniteLossError; a SetupError's message says it all.
+    own = type(err).__module__.startswith("geneformer_workflow") and not isinstance(err, SetupError)
     return f"{type(err).__name__}: {message}" if own else message

@@ -5,7 +5,8 @@ Layout of one checkpoint::
     checkpoints/step_<n>/
         .metadata, __*_*.distcp     torch.distributed.checkpoint (DCP) shards, one set per rank:
                                     app.model.* (parameters, sharded as trained), app.optim.* (AdamW state),
-                                    app.scheduler.*, app.trainer.* (step, epoch, tokens and cells seen)
+                                    app.scheduler.*, app.trainer.* (step, epoch, tokens and cells seen),
+                                    app.fp8.* (Transformer Engine delayed-scaling state, see fp8_state.py)
         checkpoint.json             step, epoch, data position, batch layout, seed, vocab_dir, backend, train loss
         model_config.json           ``ModelConfig.to_dict()``: enough to rebuild the model for export
 
@@ -20,13 +21,16 @@ run may resume with a different number of processes (the global batch must stay 
 
 RNG state is not saved: dropout is reseeded at every step from ``(seed, step, rank)`` and the
 masks are keyed per cell, so a resumed run reproduces the uninterrupted one exactly.
+
+Transformer Engine's ``_extra_state`` entries are never saved: their size differs between a trained and a fresh
+module, TE 2.20 refuses to unpickle them, and megatron-fsdp drops them; the FP8 state they carry is saved as plain
+tensors instead (:mod:`.fp8_state`), and loading accepts their absence, every backend alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
@@ -40,17 +44,21 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .._atomic import FULL_BELOW_BYTES, NO_SPACE
+from .._atomic import FULL_BELOW_BYTES, NO_SPACE, fsync_dir
+from .._atomic import write_json_atomic as write_json_atomic  # fsynced, then renamed: readers never see half a file
 
 # The run-directory names that the report reads too live in the torch-free _run_dir; re-exported here.
 from .._run_dir import CHECKPOINTS, CheckpointError, read_json
 from .._run_dir import FINAL_FILE as FINAL_FILE
 from .._run_dir import STEP_DIR as _STEP_DIR
 from .._run_dir import final_checkpoint as final_checkpoint
+from ..model import GeneformerForMaskedLM, ModelConfig
+from ..model.te_names import EXTRA_STATE_SUFFIX
 from .distributed import Runtime, barrier
+from .fp8_state import Fp8ScalingState
 
 log = logging.getLogger(__name__)
 
@@ -81,47 +89,80 @@ class TrainState:
     cells_seen: int = 0
 
 
+def without_extra_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without ``*._extra_state`` entries (TE's FP8 metadata: see the module docstring)."""
+    return {key: value for key, value in state.items() if not key.endswith(EXTRA_STATE_SUFFIX)}
+
+
+def check_loaded_keys(missing: list[str], unexpected: list[str]) -> None:
+    """After a non-strict ``load_state_dict``: only ``_extra_state`` entries may be missing, nothing unexpected."""
+    missing = [key for key in missing if not key.endswith(EXTRA_STATE_SUFFIX)]
+    if missing or unexpected:
+        msg = (
+            f"the checkpoint's model does not match this model: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}; was it trained with other model settings?"
+        )
+        raise ValueError(msg)
+
+
 class AppState(Stateful):
     """Everything DCP saves and restores, as one ``Stateful``.
 
     ``get_state_dict`` / ``set_state_dict`` give the same keys for none, ddp and fsdp2 (no
     ``module.`` prefix from DDP; FSDP2 keeps the sharded DTensors), so checkpoints move between
     these backends. megatron-fsdp is not supported by those helpers; its wrapper's own
-    ``state_dict`` methods are used instead (its keys carry a ``module.`` prefix; untested here,
-    as this needs GPUs).
+    ``state_dict`` methods are used instead (its keys carry a ``module.`` prefix). Model state never
+    holds ``_extra_state`` entries; ``fp8``, when given, adds the FP8 delayed-scaling tensors.
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, *, backend: str
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        state: TrainState,
+        *,
+        backend: str,
+        fp8: Fp8ScalingState | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
-        self.backend = backend
+        self.backend, self.fp8 = backend, fp8
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, scheduler and counters."""
+        """Model, optimizer, scheduler and counters (and the FP8 scaling state)."""
         if self.backend == "mfsdp":
             model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         else:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {
-            "model": model_state,
+        state = {
+            "model": without_extra_state(model_state),
             "optim": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "trainer": asdict(self.state),
         }
+        if self.fp8 is not None:
+            state["fp8"] = self.fp8.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore in place."""
         if self.backend == "mfsdp":
-            self.model.load_state_dict(state_dict["model"])
+            result = self.model.load_state_dict(state_dict["model"], strict=False)
             self.optimizer.load_state_dict(state_dict["optim"])
         else:
-            set_state_dict(
-                self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"]
+            result = set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state_dict["model"],
+                optim_state_dict=state_dict["optim"],
+                options=StateDictOptions(strict=False),
             )
+        check_loaded_keys(list(result.missing_keys), list(result.unexpected_keys))
         self.scheduler.load_state_dict(state_dict["scheduler"])
         for key, value in state_dict["trainer"].items():
             setattr(self.state, key, int(value))
+        if self.fp8 is not None:
+            self.fp8.load_state_dict(state_dict.get("fp8", {}))
 
 
 def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -137,32 +178,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest ``step_<n>`` directory, or None when there is none."""
     dirs = step_dirs(run_dir)
     return dirs[-1][1] if dirs else None
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to ``path`` via a temporary file, ``fsync`` and ``os.replace`` (readers never see half a file).
-
-    On failure (e.g. a full disk) the temporary file is removed and ``path`` is untouched.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w") as handle:
-            handle.write(json.dumps(payload, indent=2) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename in ``path`` (the directory entry), so a crash cannot undo a completed checkpoint."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _error_chain(err: BaseException) -> Iterator[BaseException]:
@@ -267,7 +282,7 @@ def save_checkpoint(
     except _DCP_ERRORS as err:
         raise _save_failed(err, final, tmp, runtime) from err
     if runtime.dist.is_main:
-        _fsync_dir(root)
+        fsync_dir(root)
         prune_checkpoints(run_dir, keep_last)  # only now: the previous checkpoint stays until this one is complete
     barrier(runtime)
     return final
@@ -302,10 +317,25 @@ def check_complete(path: Path) -> dict[str, Any]:
     return read_json(path / META_FILE)
 
 
+FP8_PREFIX = "app.fp8."
+
+
+def saved_fp8_shapes(path: Path) -> dict[str, torch.Size]:
+    """Keys (without ``app.fp8.``) and shapes of the FP8 scaling tensors that checkpoint ``path`` holds."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    return {
+        key.removeprefix(FP8_PREFIX): entry.size
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(FP8_PREFIX) and hasattr(entry, "size")
+    }
+
+
 def load_checkpoint(path: Path, app: AppState) -> None:
     """Restore ``app`` in place from checkpoint ``path`` (collective)."""
     check_complete(path)
     try:
+        if app.fp8 is not None:
+            app.fp8.expect(saved_fp8_shapes(path))
         with _single_process_ok():
             dcp.load({"app": app}, checkpoint_id=path)
     except _DCP_ERRORS as err:
@@ -323,11 +353,42 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     """
     meta = check_complete(path)
     prefix = "module." if meta.get("backend") == "mfsdp" else ""  # megatron-fsdp's wrapper prefixes its keys
-    state = {prefix + key: value for key, value in model.state_dict().items()}
+    state = {prefix + key: value for key, value in without_extra_state(model.state_dict()).items()}
     try:
         with _single_process_ok():
             dcp.load({"app": {"model": state}}, checkpoint_id=path)
     except _DCP_ERRORS as err:
         msg = f"cannot load the model weights of checkpoint {path}: {type(err).__name__}: {err}"
         raise CheckpointError(msg) from err
-    model.load_state_dict({key.removeprefix(prefix): value for key, value in state.items()})
+    result = model.load_state_dict({key.removeprefix(prefix): value for key, value in state.items()}, strict=False)
+    check_loaded_keys(list(result.missing_keys), list(result.unexpected_keys))
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A ``step_<n>`` directory from a run dir (``final.json``, else the newest checkpoint) or a step dir."""
+    path = Path(checkpoint)
+    if (path / MODEL_CONFIG_FILE).is_file() or path.name.startswith("step_"):
+        return path
+    final = path / FINAL_FILE
+    if final.is_file():
+        return final_checkpoint(path)  # refuses a final.json that points outside the run directory
+    latest = latest_checkpoint(path)
+    if latest is None:
+        msg = f"{path} is neither a checkpoint (step_<n>) nor a run directory with checkpoints"
+        raise FileNotFoundError(msg)
+    return latest
+
+
+def load_checkpoint_model(checkpoint: str | Path) -> tuple[GeneformerForMaskedLM, dict]:
+    """Build the model from ``model_config.json`` and load the checkpoint's weights (fp32, eval mode).
+
+    Returns:
+        ``(model, checkpoint.json contents)``.
+    """
+    path = resolve_checkpoint(checkpoint)
+    meta = check_complete(path)
+    config = ModelConfig.from_dict(read_json(path / MODEL_CONFIG_FILE))
+    config.gradient_checkpointing = False  # a training option; the export config never carries it
+    model = GeneformerForMaskedLM(config)
+    load_model_weights(path, model)
+    return model.eval(), meta

@@ -12,7 +12,8 @@ a run resumes from). Each error names the key and the fix.
 Output paths: the trainer derives every output from ``run_dir`` with fixed names
 (``checkpoints/step_<n>``, ``metrics.jsonl``, ``final.json``, ``wandb/``), so no config value
 can send one elsewhere; only ``data.cache_dir`` (default ``${run_dir}/cache``) may point
-outside, on purpose, so that runs share the token cache. Inputs (``data.corpus``,
+outside, on purpose, so that runs share a training store built from ``data.corpus``. Inputs (``data.store``,
+``data.corpus``,
 ``data.vocab_dir``, ``model.init_from``) may be anywhere.
 """
 
@@ -112,6 +113,7 @@ def validate_config(cfg: DictConfig) -> None:
         msg = f"wandb.mode={cfg.wandb.mode!r} is not one of online, offline, disabled"
         raise ValueError(msg)
     _check_choices(cfg)
+    _check_data_source(cfg)
     _check_output_paths(cfg)
     _check_model_shape(cfg)
     _check_masking(cfg)
@@ -138,6 +140,18 @@ def _check_choices(cfg: DictConfig) -> None:
         if value not in allowed:
             msg = f"{key}={value!r} is not one of {', '.join(allowed)}"
             raise ValueError(msg)
+
+
+def _check_data_source(cfg: DictConfig) -> None:
+    """Exactly one of ``data.store`` (a built training store) and ``data.corpus`` (parquet files) is set."""
+    store, corpus = cfg.data.get("store"), cfg.data.get("corpus")
+    if (store is None) == (corpus is None or (not isinstance(corpus, str) and len(corpus) == 0)):
+        problem = "both are set" if store is not None else "neither is set"
+        msg = (
+            f"set exactly one of data.store and data.corpus ({problem}): data.store=STORE/store.json (built by the "
+            "workflow or `gfw store build`) or data.corpus=[FILES...] (parquet files, dataset.json, directories)"
+        )
+        raise ValueError(msg)
 
 
 def _check_output_paths(cfg: DictConfig) -> None:
@@ -279,9 +293,11 @@ def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 def data_settings(cfg: DictConfig) -> DataSettings:
     """The typed ``data`` block."""
-    corpus = cfg.data.corpus
+    corpus = cfg.data.get("corpus") or ()
     corpus = (corpus,) if isinstance(corpus, str) else tuple(str(c) for c in corpus)
+    store = cfg.data.get("store")
     return DataSettings(
+        store=None if store is None else str(store),
         corpus=corpus,
         cache_dir=str(cfg.data.cache_dir),
         train_split=str(cfg.data.train_split),

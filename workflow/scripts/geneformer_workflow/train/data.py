@@ -1,27 +1,27 @@
 """The training data pipeline, from parquet files to masked micro-batches.
 
-1. Resolve ``data.corpus`` into parquet files and convert them once into a memory-mapped
-   token cache per split (:mod:`.corpus`); rank 0 writes it, other nodes that cannot see it
-   write their own.
-2. Plan each epoch's global batches with a seeded shuffle and length grouping, and split
-   them into per-rank micro-batches (:mod:`.sampler`); step ``s`` always maps to the same cells.
+1. Open the training store (``data.store``: built by the workflow or ``gfw store build``, see
+   :mod:`geneformer_workflow.store`), or build one from ``data.corpus`` parquet files under
+   ``data.cache_dir`` first (:mod:`.corpus`; rank 0 writes it, other nodes that cannot see it write their own).
+2. Plan each epoch's global batches with a seeded shuffle and length grouping, one window at a
+   time, and split them into per-rank micro-batches (:mod:`.sampler`); step ``s`` always maps to the same cells.
 3. Truncate, mask (per-cell RNG, :mod:`.masking`) and pad or pack each micro-batch (:mod:`.collate`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..store import SplitValues, StoreSplit, TrainingStore, open_store
 from .collate import Batch, Collator
-from .corpus import TokenStore, build_cache, open_split, resolve_corpus_files
+from .corpus import build_cache, resolve_corpus_files
 from .distributed import Runtime, barrier
 from .masking import TRAIN_STREAM, VALIDATION_STREAM, MaskingConfig
-from .sampler import BatchLayout, GlobalBatchSampler
+from .sampler import BatchLayout, ClippedLengths, GlobalBatchSampler
 from .vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class DataSettings:
     """The ``data`` config block, typed."""
 
+    store: str | None
     corpus: tuple[str, ...]
     cache_dir: str
     train_split: str
@@ -47,35 +48,55 @@ class DataSettings:
     packing: bool = False
 
 
-def prepare_cache(settings: DataSettings, runtime: Runtime) -> Path:
-    """Step 1: build (rank 0 first, then any node that cannot see it) and return the cache dir."""
+def split_values(settings: DataSettings) -> SplitValues:
+    """The ``split`` column values of the two splits."""
+    return SplitValues(train=settings.train_split, validation=settings.validation_split)
+
+
+def prepare_store(settings: DataSettings, runtime: Runtime, vocab: Vocab) -> Path:
+    """Step 1: the store to open: ``data.store`` as given, or one built from ``data.corpus`` under ``data.cache_dir``.
+
+    A store built here is built by rank 0 first, then by any node that cannot see it (a no-op on a shared
+    directory); the workflow's store is built by its own CPU jobs, so no rank waits for it.
+    """
+    if settings.store:
+        return Path(settings.store)
     files = resolve_corpus_files(list(settings.corpus))
-    splits = {"train": settings.train_split, "validation": settings.validation_split}
+    splits = split_values(settings).as_dict()
     cache_root = Path(settings.cache_dir)
+    build = {"vocab_size": vocab.size, "token_dictionary_sha256": vocab.sha256}
     if runtime.dist.is_main:
-        build_cache(files, cache_root, splits)
+        build_cache(files, cache_root, splits, **build)
     barrier(runtime)
     if not runtime.dist.is_main and runtime.dist.local_rank == 0:
-        build_cache(files, cache_root, splits)  # a no-op when the directory is shared
+        build_cache(files, cache_root, splits, **build)
     barrier(runtime)
-    return build_cache(files, cache_root, splits)  # all ranks: returns the existing directory
+    return build_cache(files, cache_root, splits, **build)  # all ranks: returns the existing directory
 
 
 @dataclass
 class TrainingData:
     """Token stores, the batch plan and the collator of one run."""
 
-    train: TokenStore
-    validation: TokenStore
+    store: TrainingStore
     sampler: GlobalBatchSampler
     collator: Collator
     settings: DataSettings
 
     @property
+    def train(self) -> StoreSplit:
+        """The training cells."""
+        return self.store.train
+
+    @property
+    def validation(self) -> StoreSplit:
+        """The validation cells."""
+        return self.store.validation
+
+    @property
     def content_sha256(self) -> str:
-        """The identity of the training data: a checksum over both splits' cells (see ``corpus.content_sha256``)."""
-        parts = f"train={self.train.content_sha256};validation={self.validation.content_sha256}"
-        return hashlib.sha256(parts.encode()).hexdigest()
+        """The identity of the training data: a checksum over both splits' cells (see :mod:`..store`)."""
+        return self.store.content_sha256
 
     def train_micro_batches(self, step: int, rank: int) -> tuple[int, list[Batch]]:
         """``(epoch, micro-batches)`` of 0-based step ``step`` on ``rank``."""
@@ -95,11 +116,12 @@ class TrainingData:
         real batches gets filler entries (the first batch again) with ``counts=False``.
         """
         n = len(self.validation)
-        cells = np.arange(n)
         limit = self.settings.max_validation_cells
-        if 0 <= limit < n:
+        if 0 <= limit < n:  # Floyd's algorithm for a small sample: memory in the sample, not in n
             cells = np.sort(np.random.default_rng([seed, VALIDATION_STREAM]).choice(n, limit, replace=False))
-        cells = cells[np.argsort(-self.validation.lengths[cells], kind="stable")]
+        else:
+            cells = np.arange(n)
+        cells = cells[np.argsort(-self.validation.lengths(cells), kind="stable")]
         size = self.settings.eval_micro_batch_size
         micro = [cells[i : i + size] for i in range(0, cells.shape[0], size)]
         if not micro:
@@ -119,15 +141,13 @@ def load_training_data(
     settings: DataSettings, vocab: Vocab, runtime: Runtime, *, layout: BatchLayout, seed: int
 ) -> TrainingData:
     """Run step 1 and set up steps 2–3 for this rank."""
-    cache_dir = prepare_cache(settings, runtime)
-    train = open_split(cache_dir, "train", vocab_size=vocab.size)
-    validation = open_split(cache_dir, "validation", vocab_size=vocab.size)
-    n_long = int((train.lengths > settings.max_length).sum())
-    if n_long and runtime.dist.is_main:
+    store = open_store(prepare_store(settings, runtime, vocab), vocab_size=vocab.size, splits=split_values(settings))
+    longest = int(store.info["train"]["longest"])
+    if longest > settings.max_length and runtime.dist.is_main:
         log.warning(
-            "%d of %d training cells are longer than data.max_length=%d and are truncated to their top-ranked genes",
-            n_long,
-            len(train),
+            "training cells of up to %d tokens are longer than data.max_length=%d and are truncated to their "
+            "top-ranked genes",
+            longest,
             settings.max_length,
         )
     masking = MaskingConfig.from_vocab(
@@ -145,6 +165,6 @@ def load_training_data(
         seed=seed,
         pack=settings.packing,
     )
-    lengths = np.minimum(train.lengths, settings.max_length)
+    lengths = ClippedLengths(store.train, settings.max_length)
     sampler = GlobalBatchSampler(lengths=lengths, layout=layout, seed=seed, window_batches=settings.window_batches)
-    return TrainingData(train=train, validation=validation, sampler=sampler, collator=collator, settings=settings)
+    return TrainingData(store=store, sampler=sampler, collator=collator, settings=settings)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..model import GeneformerForMaskedLM, ModelConfig, hf_state_dict_to_te, load_hf_directory
 from ..model.config import SHAPE_FIELDS
+from .checkpoint import load_checkpoint_model
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ def load_source_model(path: str | Path) -> GeneformerForMaskedLM:
     path = Path(path)
     if (path / "config.json").is_file():
         return load_hf_directory(path)
-    from ..export import load_checkpoint_model  # our checkpoints (DCP); imported lazily: it imports the trainer side
-
     return load_checkpoint_model(path)[0]
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model.bert import IGNORE_INDEX as IGNORE_INDEX  # labels that do not count in the loss: the model's value
 from .vocab import Vocab
 
-IGNORE_INDEX = -100  # label of tokens that do not count in the loss (PyTorch's cross_entropy default)
 TRAIN_STREAM = 0  # RNG stream of training masks
 VALIDATION_STREAM = 1  # RNG stream of validation masks (fixed across evaluations)
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import SetupError
 from .distributed import Runtime
 
 log = logging.getLogger(__name__)
@@ -100,47 +101,88 @@ def wrap_model_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+# Keys of backend.mfsdp_kwargs that megatron-fsdp's fully_shard_optimizer takes as well (fully_shard.py ~l.453).
+_MFSDP_OPTIMIZER_KWARGS = ("preproc_state_dict_for_dcp_ckpt",)
+
+
 def wrap_model_mfsdp(
-    model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime, *, fully_shard_kwargs: dict[str, Any]
+    model: nn.Module,
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    runtime: Runtime,
+    *,
+    fully_shard_kwargs: dict[str, Any],
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Shard model and optimizer with megatron-fsdp (GPU only); returns the wrapped pair.
 
-    Unlike FSDP2, megatron-fsdp takes the optimizer, so build it *before* this call and the LR
-    scheduler *after* it. Known hazards (see docs/training.md): it merges the optimizer's
-    parameter groups into one (so biases and LayerNorm weights are decayed too), it drops
-    Transformer Engine FP8 ``_extra_state`` from state dicts, and ``clip_grad_norm_`` has hung
-    with several processes on some containers (``training.max_grad_norm=null`` turns clipping off).
+    ``build_optimizer(wrapped_model)`` builds the optimizer over the sharded parameters, with this project's
+    parameter groups (see :func:`shard_with_megatron_fsdp`). Build the LR scheduler after this call. Known hazard
+    (see docs/training.md): ``clip_grad_norm_`` has hung with several processes on some containers
+    (``training.max_grad_norm=null`` turns clipping off).
 
     Raises:
-        RuntimeError: without CUDA, or when ``megatron_fsdp`` cannot be imported.
+        SetupError: without CUDA, or when ``megatron_fsdp`` cannot be imported.
     """
     if runtime.device.type != "cuda":
         msg = "backend.name=mfsdp needs CUDA GPUs (megatron-fsdp calls torch.cuda); use backend.name=fsdp2 on CPU"
-        raise RuntimeError(msg)
+        raise SetupError(msg)
     try:
-        from megatron_fsdp.fully_shard import fully_shard
+        import megatron_fsdp
     except Exception as err:  # the TE meta package raises RuntimeError, not ImportError, at import
         msg = f"backend.name=mfsdp needs megatron-fsdp (pip install '.[gpu]'); importing it failed: {err!r}"
-        raise RuntimeError(msg) from err
+        raise SetupError(msg) from err
     from torch.distributed.device_mesh import init_device_mesh
 
     log.warning(
-        "megatron-fsdp merges optimizer parameter groups, so weight decay also applies to biases and LayerNorm; "
         "clip_grad_norm_ has hung with multi-process megatron-fsdp on some containers: if the first step hangs, "
         "set training.max_grad_norm=null"
     )
     # megatron-fsdp expects a (dp, tp) mesh even without tensor parallelism.
     mesh = init_device_mesh("cuda", (runtime.dist.world_size, 1), mesh_dim_names=("dp", "tp"))
     model.to(runtime.device)
-    return fully_shard(
-        module=model,
-        optimizer=optimizer,
+    return shard_with_megatron_fsdp(
+        megatron_fsdp,
+        model,
+        build_optimizer,
         fsdp_unit_modules=[type(model.encoder_layers[0])],
         device_mesh=mesh,
         dp_shard_dim="dp",
         tp_dim="tp",
         **fully_shard_kwargs,
     )
+
+
+def shard_with_megatron_fsdp(
+    api: Any, model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer], **model_kwargs: Any
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """megatron-fsdp's ``fully_shard``, in its three documented steps, keeping the optimizer's parameter groups.
+
+    ``api`` is the ``megatron_fsdp`` package (0.6.1; ``fully_shard_model`` and ``fully_shard_optimizer`` are in its
+    ``fully_shard.py``). Its one-call ``fully_shard`` clears the optimizer's
+    parameter groups and adds one with every parameter (``fully_shard.py`` ~l.749-753), so AdamW's default weight
+    decay would hit biases and LayerNorm weights too. Instead, as ``fully_shard_optimizer``'s docstring shows:
+    ``fully_shard_model``, ``_replace_param_with_distributed_if_needed()`` (the sharded DTensor parameters, with
+    their global shapes, so :func:`.optim.param_groups` splits them as on every other backend), the optimizer over
+    them, then ``fully_shard_optimizer``.
+
+    ``fully_shard_optimizer`` initialises the optimizer state by one ``optimizer.step()`` on zero gradients
+    (~l.503-513). For AdamW that step still applies weight decay and counts a step; it runs here with learning
+    rate 0 and the step counts are reset, so the first real step is the same as on the other backends.
+    """
+    optimizer_kwargs = {key: model_kwargs[key] for key in _MFSDP_OPTIMIZER_KWARGS if key in model_kwargs}
+    wrapped = api.fully_shard_model(module=model, **model_kwargs)
+    wrapped._replace_param_with_distributed_if_needed()
+    optimizer = build_optimizer(wrapped)
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer = api.fully_shard_optimizer(optimizer, **optimizer_kwargs)
+    for group, lr in zip(optimizer.param_groups, learning_rates, strict=True):
+        group["lr"] = lr
+    for state in optimizer.state.values():
+        if "step" in state:
+            step = state["step"]
+            state["step"] = step.zero_() if isinstance(step, torch.Tensor) else 0
+    return wrapped, optimizer
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -173,15 +215,3 @@ def autocast_context(
     if compute_dtype == torch.float32 or backend == "fsdp2":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=compute_dtype)
-
-
-def require_te(feature: str) -> None:
-    """Refuse TE/FP8 features where Transformer Engine or CUDA is missing, naming the fix."""
-    if not torch.cuda.is_available():
-        msg = f"{feature} needs CUDA + Transformer Engine; this machine has no CUDA device. Set {feature}=false"
-        raise RuntimeError(msg)
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as err:  # the CPU meta package raises RuntimeError at import
-        msg = f"{feature} needs CUDA + Transformer Engine (pip install '.[gpu]'); importing it failed: {err!r}"
-        raise RuntimeError(msg) from err

@@ -10,6 +10,7 @@ in one small all-reduce at the start of each step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from ..model import (
     ModelConfig,
     Primitives,
     fp8_autocast_context,
+    require_te,
     resolve_fp8_recipe,
     te_primitives,
 )
@@ -46,6 +48,7 @@ from .collate import Batch
 from .config import data_settings, model_fields, to_container
 from .data import load_training_data
 from .distributed import Runtime, all_reduce_sum, barrier
+from .fp8_state import Fp8ScalingState
 from .init_from import init_from
 from .masking import IGNORE_INDEX
 from .metrics import MetricsLogger, memory_metrics, model_flops, peak_flops, throughput_metrics, truncate_metrics
@@ -54,7 +57,6 @@ from .parallel import (
     autocast_context,
     gradient_sync,
     load_full_from_rank0,
-    require_te,
     resolve_backend,
     resolve_precision,
     wrap_model_ddp,
@@ -63,7 +65,7 @@ from .parallel import (
 )
 from .prefetch import BatchPrefetcher
 from .profiling import StepProfiler
-from .sampler import BatchLayout
+from .sampler import DATA_ORDER_VERSION, BatchLayout
 from .signals import StopRequest
 from .vocab import load_vocab
 
@@ -136,7 +138,10 @@ class Trainer:
         # After wrapping: FSDP2 swaps parameters for DTensors and megatron-fsdp replaces the optimizer.
         self.scheduler = build_scheduler(self.optimizer, **to_container(cfg.scheduler))
         self.state = TrainState()
-        self.app = AppState(self.model, self.optimizer, self.scheduler, self.state, backend=self.backend)
+        fp8_state = Fp8ScalingState(self.model, self.fp8_recipe) if self.fp8_recipe is not None else None
+        self.app = AppState(
+            self.model, self.optimizer, self.scheduler, self.state, backend=self.backend, fp8=fp8_state
+        )
         self.stop = StopRequest()
         self.profiler = StepProfiler(
             cfg.logging.get("profile_steps"), self.run_dir / "profile", runtime.device, runtime.dist.rank
@@ -172,10 +177,10 @@ class Trainer:
             load_full_from_rank0(model, full, self.runtime)
             return model, build_optimizer(model, **opt_kwargs)
         model = self._initial_model(prims)
-        if self.backend == "mfsdp":
-            optimizer = build_optimizer(model, **opt_kwargs)  # megatron-fsdp wraps model and optimizer together
+        if self.backend == "mfsdp":  # megatron-fsdp shards the model, then the optimizer built over its shards
             kwargs = to_container(self.cfg.backend.mfsdp_kwargs)
-            return wrap_model_mfsdp(model, optimizer, self.runtime, fully_shard_kwargs=kwargs)
+            optimizer_over = functools.partial(build_optimizer, **opt_kwargs)
+            return wrap_model_mfsdp(model, optimizer_over, self.runtime, fully_shard_kwargs=kwargs)
         if self.backend == "ddp":
             model = wrap_model_ddp(model, self.runtime)
         else:
@@ -368,6 +373,7 @@ class Trainer:
             "vocab_dir": str(Path(self.cfg.data.vocab_dir).resolve()),
             "token_dictionary_sha256": self.vocab.sha256,
             "corpus_sha256": self.data.content_sha256,
+            "data_order": DATA_ORDER_VERSION,
             "train_cells": len(self.data.train),
             "window_batches": self.data.sampler.window_batches,
             "train_loss": self.last_train_loss,
@@ -444,6 +450,14 @@ class Trainer:
             f"{self.run_dir}.old`) or set another run_dir; to continue the old run, restore the data it was "
             "trained on"
         )
+        order = meta.get("data_order", 1)  # checkpoints without the key were written with data order 1
+        if order != DATA_ORDER_VERSION:
+            msg = (
+                f"cannot resume from {path}: it was trained with data order version {order} (an older gfw) and this "
+                f"version plans batches with version {DATA_ORDER_VERSION}, so the run would not continue on the "
+                f"batches it was heading for. {start_over}; or finish the old run with the gfw version that started it"
+            )
+            raise CheckpointMismatchError(msg)
         vocab, corpus = meta.get("token_dictionary_sha256"), meta.get("corpus_sha256")
         changes = {
             "the vocabulary changed since it was trained (token dictionary checksum {then}… then, {now}… now in "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..presets import CLS, EOS, MASK, PAD
 from ..vocab import SPECIAL_TOKENS, TOKEN_DICTIONARY, token_dictionary_sha256
 
 
@@ -53,7 +54,7 @@ def load_vocab(vocab_dir: str | Path) -> Vocab:
     if ids != list(range(len(ids))):
         msg = f"{path}: token ids must be 0..{len(ids) - 1} without gaps or duplicates"
         raise ValueError(msg)
-    for required in ("<pad>", "<mask>"):
+    for required in (PAD, MASK):
         if required not in mapping:
             msg = f"{path}: the special token {required} is missing"
             raise ValueError(msg)
@@ -64,10 +65,10 @@ def load_vocab(vocab_dir: str | Path) -> Vocab:
         raise ValueError(msg)
     return Vocab(
         size=len(ids),
-        pad_id=int(mapping["<pad>"]),
-        mask_id=int(mapping["<mask>"]),
-        cls_id=mapping.get("<cls>"),
-        eos_id=mapping.get("<eos>"),
+        pad_id=int(mapping[PAD]),
+        mask_id=int(mapping[MASK]),
+        cls_id=mapping.get(CLS),
+        eos_id=mapping.get(EOS),
         gene_ids=gene_ids,
         sha256=token_dictionary_sha256({str(k): int(v) for k, v in mapping.items()}),
     )
