@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Entry point on a lent GPU machine: install the carried wheels (benchmarks/gpu_wheels.sh) into /tmp, then run
-# benchmarks/gpu_check.py, which writes gpu_check.json/.md/.log to $OUT (or the first argument).
+# benchmarks/gpu_check.py (the sections of benchmarks/gpu_*.py), which writes gpu_check.json/.md/.log to $OUT (or
+# the first argument).
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [gpu_check.py options...]
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
-from geneformer_workflow.vocab import load_token_dictionary
+from geneformer_workflow.tokenize.vocab import load_token_dictionary
 
 
 def gene_ids(n_genes: int, dictionary: Path | None, seed: int) -> list[str]:

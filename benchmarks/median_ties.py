@@ -42,23 +42,23 @@ REPO = HERE.parent
 SCRIPTS = REPO / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(HERE))
-from geneformer_workflow._cells import cells_to_keep, load_cell_filter  # noqa: E402
-from geneformer_workflow._genes import (  # noqa: E402
+from geneformer_workflow.presets import get_preset  # noqa: E402
+from geneformer_workflow.tokenize._cells import cells_to_keep, load_cell_filter  # noqa: E402
+from geneformer_workflow.tokenize.genes import (  # noqa: E402
     collapse_matrix,
     load_gene_mapping,
     map_gene_ids,
     normalize_gene_ids,
     positions,
 )
-from geneformer_workflow._io import H5adCounts  # noqa: E402
-from geneformer_workflow._median_table import read_gene_medians  # noqa: E402
-from geneformer_workflow.medians import MAX_EXACT, summarize_h5ad  # noqa: E402
-from geneformer_workflow.presets import get_preset  # noqa: E402
-from geneformer_workflow.vocab import load_token_dictionary  # noqa: E402
+from geneformer_workflow.tokenize.h5ad import H5adCounts  # noqa: E402
+from geneformer_workflow.tokenize.median_table import read_gene_medians  # noqa: E402
+from geneformer_workflow.tokenize.medians import MAX_EXACT, summarize_h5ad  # noqa: E402
+from geneformer_workflow.tokenize.vocab import load_token_dictionary  # noqa: E402
 
 DEMO = REPO / "resources" / "demo" / "pbmc_5k_protein_v3.h5ad"
 MAX_GENES = get_preset("v1").max_genes  # 2,048
-MEDIANS_PY = "workflow/scripts/geneformer_workflow/medians.py"
+MEDIANS_PY = "workflow/scripts/geneformer_workflow/tokenize/medians.py"
 
 
 def git(*args: str) -> str:

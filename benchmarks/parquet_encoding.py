@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 sys.path.insert(0, str(HERE))
-from geneformer_workflow._parquet import ENCODINGS, encoding_options  # noqa: E402
+from geneformer_workflow.tokenize._parquet import ENCODINGS, encoding_options  # noqa: E402
 
 ROW_GROUP = 2048
 

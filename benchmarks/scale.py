@@ -36,7 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
-from geneformer_workflow.medians import ExpressionSummary  # noqa: E402
+from geneformer_workflow.tokenize.medians import ExpressionSummary  # noqa: E402
 
 DEMO_GENES, DEMO_CELLS, DEMO_GENES_PER_CELL = 16_576, 200, 1_940
 

@@ -110,9 +110,15 @@ def write_corpus(directory: Path, n_cells: int, *, seed: int, shard_cells: int =
 
 
 def write_vocab(directory: Path) -> Path:
+    sys.path.insert(0, str(SCRIPTS))
+    from geneformer_workflow.tokenize.vocab import TOKENIZER_CONFIG, hf_tokenizer_files
+
     directory.mkdir(parents=True, exist_ok=True)
     names = ["<pad>", "<mask>", "<cls>", "<eos>"] + [f"ENSG{i:011d}" for i in range(VOCAB_SIZE - 4)]
-    (directory / "token_dictionary.json").write_text(json.dumps({name: i for i, name in enumerate(names)}))
+    tokens = {name: i for i, name in enumerate(names)}
+    (directory / "token_dictionary.json").write_text(json.dumps(tokens))
+    # model_max_length as `gfw vocab` records it (2,048, the length measured so far): data.max_length: null reads it.
+    (directory / TOKENIZER_CONFIG).write_text(hf_tokenizer_files(tokens, max_length=2_048)[TOKENIZER_CONFIG])
     return directory
 
 
@@ -202,7 +208,7 @@ def run(n_cells: int, workdir: Path, vocab: Path, shard_cells: int) -> dict[str,
 def many_parts(n_parts: int, workdir: Path, vocab: Path) -> dict[str, float]:
     """A store of ``n_parts`` tiny parts (a corpus of many small files): index time, open time, a window's lengths."""
     sys.path.insert(0, str(SCRIPTS))
-    from geneformer_workflow.store import open_store, write_part
+    from geneformer_workflow.tokenize.store import open_store, write_part
     from geneformer_workflow.train.sampler import BatchLayout, ClippedLengths, GlobalBatchSampler
 
     base = workdir / f"parts-{n_parts}"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import (  # the sibling script, not a package
+from _gpu_common import (  # the GPU check scripts' shared helpers (a sibling file, not a package)
     REPO,
     child_env,
     package_versions,

@@ -42,7 +42,7 @@ def peak_rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-from geneformer_workflow import _corpus
+from geneformer_workflow.tokenize import _corpus
 from geneformer_workflow.cli import main
 write, loop = _corpus.CorpusWriter.write, {}
 def timed_write(self, *args, **kwargs):  # the streaming loop: read, rank, encode, write

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from geneformer_workflow.cli import OWN_PARSER_COMMANDS
 
 from ..workflow.helpers import REPO, run_snakemake
 
@@ -84,7 +85,7 @@ COMMANDS: dict[str, Cover] = {
         "parse", (END_TO_END, EXPORT), "needs a trained run directory"
     ),
     # README.md: cell embeddings, report
-    ".venv/bin/gfw embed --model results/export/sanity 'results/tokenized/*/dataset.json' -o cells.h5ad": Cover(
+    ".venv/bin/gfw embed --model results/export/sanity results/tokenized/datasets.txt -o cells.h5ad": Cover(
         "parse", (EMBED, END_TO_END), "needs an exported model"
     ),
     # README.md: using the outputs with Geneformer's tools
@@ -111,7 +112,7 @@ COMMANDS: dict[str, Cover] = {
     ".venv/bin/snakemake --unlock": Cover("run"),
     # docs/report.md
     "snakemake --cores 2": Cover("dry-run", (END_TO_END, REPORT), "a real run takes minutes"),
-    "gfw embed --model results/export/10m 'results/tokenized/*/dataset.json' -o cells.h5ad "
+    "gfw embed --model results/export/10m results/tokenized/datasets.txt -o cells.h5ad "
     "'[--geneformer-emb-layer' '-1]' '[--batch-size' '16]'": Cover("parse", (EMBED,), "needs an exported model"),
     # docs/tokenization.md
     "gfw hf-dataset results/tokenized/my_dataset/dataset.json --split train -o results/hf/my_dataset.train": Cover(
@@ -139,7 +140,7 @@ COMMANDS: dict[str, Cover] = {
     "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 workflow/scripts/torchrun_node.sh 2 8 python -m "
     "geneformer_workflow train --config-name 106m run_dir=/shared/run data.store=/shared/results/store "
     "data.vocab_dir=/shared/vocab": Cover("parse", (SLURM_SRUN, SLURM_LAUNCHER), CLUSTER),
-    "gfw store build 'results/tokenized/*/dataset.json' -o results/store --vocab-dir results/vocab": Cover(
+    "gfw store build results/tokenized/datasets.txt -o results/store --vocab-dir results/vocab": Cover(
         "parse", (STORE_CLI,), "needs a tokenized corpus"
     ),
     "gfw train --config-name 10m data.store=results/store data.vocab_dir=results/vocab "
@@ -358,11 +359,9 @@ def check_gfw(words: list[str]) -> None:
     """The subcommand's own parser accepts the arguments; ``train`` also composes and validates its config."""
     argv = gfw_arguments(words)
     try:
-        if argv[0] in ("train", "export", "embed", "hf-dataset"):
-            module = importlib.import_module(f"geneformer_workflow.{argv[0].replace('-', '_')}")
+        if argv[0] in OWN_PARSER_COMMANDS:
+            module = importlib.import_module(OWN_PARSER_COMMANDS[argv[0]][0])
             parsed = module.build_parser().parse_args(argv[1:])
-        elif argv[0] == "evaluate":
-            parsed = importlib.import_module("geneformer_workflow.evaluate.cli").build_parser().parse_args(argv[1:])
         else:
             parsed = importlib.import_module("geneformer_workflow.cli").build_parser().parse_args(argv)
     except SystemExit as err:
@@ -370,7 +369,11 @@ def check_gfw(words: list[str]) -> None:
     if argv[0] == "train":
         from geneformer_workflow.train.config import compose_config, validate_config
 
-        validate_config(compose_config(parsed.config_name, parsed.overrides, parsed.config_dir))
+        cfg = compose_config(parsed.config_name, parsed.overrides, parsed.config_dir)
+        if cfg.data.max_length is None:  # the documented vocabulary is a workflow output, its length read at run time
+            assert not Path(cfg.data.vocab_dir).exists(), f"{cfg.data.vocab_dir} exists but gives no model_max_length"
+            cfg.data.max_length = 2048
+        validate_config(cfg)
 
 
 def check_help(words: list[str]) -> None:

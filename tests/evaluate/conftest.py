@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from geneformer_workflow.medians import summarize_h5ad, write_medians_tsv
 from geneformer_workflow.model import GeneformerForMaskedLM, ModelConfig, save_hf_directory
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import write_counts_h5ad
-from geneformer_workflow.vocab import build_token_dictionary, write_vocab_dir
+from geneformer_workflow.tokenize.medians import summarize_h5ad, write_medians_tsv
+from geneformer_workflow.tokenize.vocab import build_token_dictionary, write_vocab_dir
 
 N_GENES = 60
 CELL_TYPES = ("T cell", "B cell", "monocyte")

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from geneformer_workflow.cli import main
-from geneformer_workflow.embed import MEAN_KEY, embed_corpus
+from geneformer_workflow.evaluate.embed import MEAN_KEY, embed_corpus
 from geneformer_workflow.evaluate.run import TABLE_COLUMNS
 from geneformer_workflow.presets import PRESETS
-from geneformer_workflow.tokenize import tokenize_h5ad
-from geneformer_workflow.vocab import load_token_dictionary
+from geneformer_workflow.tokenize.tokenizer import tokenize_h5ad
+from geneformer_workflow.tokenize.vocab import load_token_dictionary
 
 from .conftest import CELL_TYPES, TinyRun, write_annotated
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformers
 from geneformer_workflow.cli import main
-from geneformer_workflow.embed import LayerSelection
+from geneformer_workflow.evaluate.embed import LayerSelection
 from geneformer_workflow.model import GeneformerForMaskedLM, ModelConfig, save_hf_directory
 
 from ..tokenize.tokenized_dataset import write_tokenized_dataset

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,27 +43,51 @@ def light_venv(name: str, requirements: list[str]) -> Path:
     """
     key = hashlib.sha256("\n".join([sys.version, *requirements]).encode()).hexdigest()[:10]
     target = cache_root() / f"{name}-{key}"
-    python = target / "bin" / "python"
-    if python.exists():
-        return python
+
+    def build(tmp: Path) -> None:
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True, timeout=120)
+        _pip_install([str(tmp / "bin" / "python")], requirements)
+
+    _build_once(target, build)
+    return target / "bin" / "python"
+
+
+def light_overlay(name: str, requirements: list[str]) -> Path:
+    """A cached directory of ``requirements`` alone (``pip install --no-deps --target``), to put first on
+    ``PYTHONPATH`` of the project's own interpreter: the whole package runs with, e.g., an older pyarrow.
+
+    Same cache, naming and skip rule as :func:`light_venv`; returns the directory.
+    """
+    key = hashlib.sha256("\n".join(["overlay", sys.version, *requirements]).encode()).hexdigest()[:10]
+    target = cache_root() / f"{name}-overlay-{key}"
+    _build_once(target, lambda tmp: _pip_install([sys.executable], ["--no-deps", "--target", str(tmp), *requirements]))
+    return target
+
+
+def _pip_install(python: list[str], arguments: list[str]) -> None:
+    """``pip install ARGUMENTS`` with ``python``; skips the calling test when the package index cannot serve them."""
+    command = [*python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot install {' '.join(arguments)} from the package index: {result.stderr[-400:]}")
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> None:
+    """Make ``target`` unless it exists: ``build`` fills a temporary directory beside it, renamed into place
+    (a session that finished the same target first wins; the temporary directory is always removed)."""
+    if target.is_dir():
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True, timeout=120)
-        command = [str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        result = subprocess.run(
-            [*command, *requirements], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot install {' '.join(requirements)} from the package index: {result.stderr[-400:]}")
+        build(tmp)
         try:
             tmp.rename(target)
-        except OSError:  # another session finished the same environment first
-            if not python.exists():
+        except OSError:  # another session finished the same target first
+            if not target.is_dir():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return python
 
 
 def run_checks(python: Path, script: Path, *args: str, timeout: int = 300) -> str:

@@ -13,7 +13,7 @@ import json
 import sys
 
 import datasets
-from geneformer_workflow.hf_dataset import cli_main
+from geneformer_workflow.tokenize.hf_dataset import cli_main
 
 
 def _load(path: str) -> dict[str, object]:

@@ -39,7 +39,7 @@ def read(paths: list[str]) -> None:
 
 def write(source: str, target: str, encoding: str) -> None:
     """Rewrite ``source`` with the package's ``ParquetSink`` in row groups of 64 cells."""
-    from geneformer_workflow._parquet import ParquetSink
+    from geneformer_workflow.tokenize._parquet import ParquetSink
 
     table = pq.read_table(source)
     with ParquetSink(target, table.schema, encoding=encoding) as sink:

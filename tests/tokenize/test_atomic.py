@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from geneformer_workflow import _atomic
-from geneformer_workflow._atomic import atomic_path, write_json_atomic, write_text_atomic
+from geneformer_workflow import atomic as _atomic
+from geneformer_workflow.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 
 @pytest.fixture

@@ -484,7 +484,7 @@ def test_a_gene_mapping_that_is_not_a_json_object_of_ids_is_named(tmp_path, case
 @pytest.mark.parametrize("case", ["directory", "csr-no-indices", "h5sparse-without-shape", "no-var"])
 def test_counting_cells_for_sharding_names_the_file_too(tmp_path, case):
     """Snakemake plans shards with `count_cells` when it parses the workflow: a bad file gets the same message."""
-    from geneformer_workflow._io import InputError, count_cells
+    from geneformer_workflow.tokenize.h5ad import InputError, count_cells
 
     build, expected, _, _ = FILE_DEFECTS[case]
     h5ad = build(tmp_path)

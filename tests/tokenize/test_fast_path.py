@@ -14,9 +14,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from geneformer_workflow import _csc, _io
 from geneformer_workflow.presets import Preset
-from geneformer_workflow.tokenize import tokenize_h5ad
+from geneformer_workflow.tokenize import _csc
+from geneformer_workflow.tokenize import h5ad as _io
+from geneformer_workflow.tokenize.tokenizer import tokenize_h5ad
 
 N_CELLS, N_GENES = 240, 400
 PRESETS = [Preset("short_v1", 60, special_tokens=False), Preset("short_v2", 40, special_tokens=True)]
@@ -166,7 +167,7 @@ def test_dense_rows_are_read_in_pieces_to_the_same_corpus(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("seed", range(5))
 def test_special_tokens_wrapped_in_place_equal_a_fresh_array(seed):
-    from geneformer_workflow._corpus import _wrap_special
+    from geneformer_workflow.tokenize._corpus import _wrap_special
 
     rng = np.random.default_rng(seed)
     lengths = rng.choice([0, 1, 2, 50, 3000], size=40).astype(np.int32)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import synthetic_counts, write_counts_h5ad
-from geneformer_workflow.vocab import build_token_dictionary, write_vocab_dir
+from geneformer_workflow.tokenize.vocab import build_token_dictionary, write_vocab_dir
 
 SUFFIXES = (".parquet", ".lengths.npy", ".lengths.pkl", ".manifest.json")
 
@@ -115,7 +115,7 @@ def test_a_disk_that_fills_up_is_named_and_leaves_no_output(inputs, tmp_path):
 
 
 def test_a_short_write_without_errno_is_named_a_full_disk(tmp_path):
-    from geneformer_workflow._atomic import describe_os_error
+    from geneformer_workflow.atomic import describe_os_error
 
     message = describe_os_error(OSError("50000 requested and 16352 written"), tmp_path / "x.npy")
     assert "disk is probably full" in message and "50000 requested" in message

@@ -6,7 +6,7 @@ import json
 import pickle
 
 import pytest
-from geneformer_workflow._genes import load_gene_mapping
+from geneformer_workflow.tokenize.genes import load_gene_mapping
 
 EXPECTED = {"CD3E": "ENSG00000198851", "LYZ": "ENSG00000090382"}
 

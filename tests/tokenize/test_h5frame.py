@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from anndata import OldFormatWarning
 from anndata.io import read_elem
-from geneformer_workflow._h5frame import column_names, read_column, read_column_parts, read_dataframe
+from geneformer_workflow.tokenize._h5frame import column_names, read_column, read_column_parts, read_dataframe
 
 
 def _frame(n: int = 6) -> pd.DataFrame:

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow._pickle import RestrictedUnpickler
 from geneformer_workflow.cli import main
-from geneformer_workflow.hf_dataset import _IntListPickle, write_hf_dataset
+from geneformer_workflow.tokenize._pickle import RestrictedUnpickler
+from geneformer_workflow.tokenize.hf_dataset import _IntListPickle, write_hf_dataset
 
 from . import hf_dataset_check
 from ._light_venv import light_venv
@@ -26,6 +26,8 @@ datasets = pytest.importorskip("datasets")
 PACKAGE = Path(__file__).resolve().parents[2] / "workflow" / "scripts"
 # datasets 3.x, which many Geneformer environments pin; h5py, scipy, pandas: the package's own imports
 DATASETS_3 = ["datasets==3.6.0", "h5py", "scipy", "pandas"]
+# The floor pyproject declares for datasets, on the project's pyarrow floor (datasets 2.19 predates numpy 2).
+DATASETS_FLOOR = ["datasets==2.19.0", "pyarrow==16.0.0", "numpy<2", "h5py", "scipy", "pandas"]
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +168,29 @@ def test_datasets_3_writes_a_directory_it_loads_but_cannot_load_what_datasets_4_
     assert result["written"]["rows"] == _manifest_counts(tokenized.shards)["train"]
     if int(datasets.__version__.split(".")[0]) >= 4:
         assert "Feature type 'List' not found" in result["other"]["error"]
+
+
+def test_the_datasets_floor_tested_here_is_the_one_pyproject_declares():
+    pyproject = (PACKAGE.parents[1] / "pyproject.toml").read_text()
+    assert '"datasets>=2.19"' in pyproject and DATASETS_FLOOR[0] == "datasets==2.19.0"
+
+
+@pytest.mark.network
+def test_hf_dataset_runs_on_the_declared_datasets_floor(tokenized, tmp_path):
+    python = light_venv("datasets-2.19.0", DATASETS_FLOOR)
+    ours = tmp_path / "ours"
+    write_hf_dataset([tokenized.index], ours, split="train")
+    command = [str(python), hf_dataset_check.__file__, str(tokenized.index), str(tmp_path / "floor"), str(ours)]
+    env = os.environ | {"PYTHONPATH": str(PACKAGE)}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["datasets"] == "2.19.0" and result["exit"] == 0
+    assert result["written"]["columns"][:2] == ["input_ids", "length"]
+    assert result["written"]["input_ids"] == datasets.load_from_disk(str(ours))["input_ids"]
+    assert result["written"]["rows"] == _manifest_counts(tokenized.shards)["train"]
+    lengths = RestrictedUnpickler(io.BytesIO((tmp_path / "floor" / "lengths.pkl").read_bytes())).load()
+    assert lengths == datasets.load_from_disk(str(ours))["length"]
 
 
 def _without_write_id(shard: Path) -> pa.Table:

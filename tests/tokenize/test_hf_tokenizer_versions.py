@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from geneformer_workflow.presets import PRESETS
-from geneformer_workflow.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
+from geneformer_workflow.tokenize.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
 
 from . import hf_tokenizer_checks
 from ._light_venv import light_venv, run_checks

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from geneformer_workflow._pickle import load_plain_pickle
-from geneformer_workflow.medians import read_medians, summarize_h5ad, write_medians_tsv
 from geneformer_workflow.presets import PRESETS
-from geneformer_workflow.tokenize import tokenize_h5ad
-from geneformer_workflow.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
+from geneformer_workflow.tokenize._pickle import load_plain_pickle
+from geneformer_workflow.tokenize.medians import read_medians, summarize_h5ad, write_medians_tsv
+from geneformer_workflow.tokenize.tokenizer import tokenize_h5ad
+from geneformer_workflow.tokenize.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
 
 DEMO = Path(__file__).resolve().parents[2] / "resources/demo/pbmc_5k_protein_v3.h5ad"
 

@@ -19,9 +19,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from geneformer_workflow._h5frame import read_dataframe
-from geneformer_workflow._io import H5adCounts, count_cells
 from geneformer_workflow.testing import synthetic_counts, write_counts_h5ad
+from geneformer_workflow.tokenize._h5frame import read_dataframe
+from geneformer_workflow.tokenize.h5ad import H5adCounts, count_cells
 
 from .cases import run_gfw
 

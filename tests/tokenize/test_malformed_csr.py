@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from geneformer_workflow._io import H5adCounts, InputError
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import write_counts_h5ad
-from geneformer_workflow.tokenize import tokenize_h5ad
-from geneformer_workflow.vocab import build_token_dictionary
+from geneformer_workflow.tokenize.h5ad import H5adCounts, InputError
+from geneformer_workflow.tokenize.tokenizer import tokenize_h5ad
+from geneformer_workflow.tokenize.vocab import build_token_dictionary
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from geneformer_workflow._io import InputError
-from geneformer_workflow.medians import (
+from geneformer_workflow.testing import synthetic_counts, write_counts_h5ad
+from geneformer_workflow.tokenize.h5ad import InputError
+from geneformer_workflow.tokenize.medians import (
     BIN_RATIO,
     MAX_EXACT,
     N_BINS,
@@ -17,7 +18,6 @@ from geneformer_workflow.medians import (
     summarize_h5ad,
     write_medians_tsv,
 )
-from geneformer_workflow.testing import synthetic_counts, write_counts_h5ad
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from geneformer_workflow._median_sketch import BinCounts, bin_index
-from geneformer_workflow.medians import N_BINS, ExpressionSummary, merge_summaries
+from geneformer_workflow.tokenize._median_sketch import BinCounts, bin_index
+from geneformer_workflow.tokenize.medians import N_BINS, ExpressionSummary, merge_summaries
 
 from .cases import run_gfw
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow import _atomic
+from geneformer_workflow import atomic as _atomic
 from geneformer_workflow.cli import main as gfw
-from geneformer_workflow.corpus_index import read_dataset_index, resolve_corpus_inputs, verify_shard
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import synthetic_counts, write_counts_h5ad
-from geneformer_workflow.tokenize import CorpusPaths
-from geneformer_workflow.vocab import build_token_dictionary, write_vocab_dir
+from geneformer_workflow.tokenize.corpus_index import read_dataset_index, resolve_corpus_inputs, verify_shard
+from geneformer_workflow.tokenize.tokenizer import CorpusPaths
+from geneformer_workflow.tokenize.vocab import build_token_dictionary, write_vocab_dir
 
 GENES = [f"ENSG{i:011d}" for i in range(60)]
 
@@ -90,6 +90,22 @@ def test_input_as_output_is_refused_even_with_overwrite(project, capsys, overwri
     code = gfw(["qc", str(project / "in.h5ad"), "-o", str(project / "qc.tsv"), "--plot", str(project / "in.h5ad")])
     refused(capsys, code, "also an input")
     assert snapshot(project) == before
+
+
+def test_an_existing_file_inside_an_input_directory_is_not_replaced_even_with_overwrite(project, capsys):
+    """A vocabulary directory is an input: its files are never an output path, whatever the flags."""
+    vocab = project / "ref" / "vocab"
+    corpus = project / "corpus.parquet"
+    assert tokenize(project, corpus) == 0
+    before = snapshot(project)
+    code = tokenize(project, vocab / "token_dictionary.json", "--overwrite")
+    refused(capsys, code, "token_dictionary.json", "inside the input directory", str(vocab))
+    code = gfw(
+        ["store", "part", str(corpus), "-o", str(vocab / "tokenizer.json"), "--vocab-dir", str(vocab), "--overwrite"]
+    )
+    refused(capsys, code, "tokenizer.json", "inside the input directory", str(vocab))
+    assert snapshot(project) == before
+    assert tokenize(project, vocab / "new.parquet") == 0  # a new file there destroys nothing
 
 
 def test_qc_into_a_directory_is_refused(project, capsys):
@@ -215,6 +231,29 @@ def test_dataset_index_lists_exactly_its_shards_and_names_stale_ones(project, ca
     expected = np.concatenate([np.load(CorpusPaths.beside(s).lengths_npy) for s in shards])
     assert lengths.tolist() == expected.tolist() == pickle.loads(index.lengths_pkl.read_bytes())
     assert index.info["n_cells"] == sum(pq.read_metadata(s).num_rows for s in shards) == lengths.size
+
+
+def test_a_corpus_list_reads_exactly_the_datasets_it_names_relative_to_itself(project, capsys):
+    """``datasets.txt`` (the workflow's list of its inputs' datasets) reads those, not a removed dataset's shards."""
+    for name, rows in (("kept", "0:25"), ("removed", "25:40")):
+        shard = project / "tokenized" / name / "shard-0000.parquet"
+        assert tokenize(project, shard, "--rows", rows) == 0
+        assert gfw(["index", str(shard), "-o", str(shard.parent / "dataset.json")]) == 0
+    listing = project / "tokenized" / "datasets.txt"
+    listing.write_text("kept/dataset.json\n\n")
+    assert resolve_corpus_inputs([listing]) == [project / "tokenized" / "kept" / "shard-0000.parquet"]
+    out = project / "kept.hf"
+    assert gfw(["hf-dataset", str(listing), "--split", "all", "-o", str(out)]) == 0
+    assert (
+        pickle.loads((out / "lengths.pkl").read_bytes())
+        == np.load(project / "tokenized" / "kept" / "dataset.lengths.npy").tolist()
+    )
+    listing.write_text("\n")
+    with pytest.raises(ValueError, match=r"datasets\.txt: the corpus list names no dataset index"):
+        resolve_corpus_inputs([listing])
+    listing.write_text("nope/dataset.json\n")
+    with pytest.raises(ValueError, match=r"nope/dataset\.json"):
+        resolve_corpus_inputs([listing])
 
 
 def test_a_directory_without_index_is_not_globbed(project):

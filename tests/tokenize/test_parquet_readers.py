@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow._parquet import DEFAULT_ENCODING, ENCODINGS, ParquetSink, encoding_options
+from geneformer_workflow.tokenize._parquet import DEFAULT_ENCODING, ENCODINGS, ParquetSink, encoding_options
 
 from ._light_venv import light_venv, run_checks
 from .parquet_read_check import table_checksum

@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from geneformer_workflow.presets import Preset
 from geneformer_workflow.testing import write_counts_h5ad
-from geneformer_workflow.tokenize import tokenize_h5ad
-from geneformer_workflow.vocab import build_token_dictionary
+from geneformer_workflow.tokenize.tokenizer import tokenize_h5ad
+from geneformer_workflow.tokenize.vocab import build_token_dictionary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from geneformer_workflow import _ranking
-from geneformer_workflow._ranking import rank_rows
+from geneformer_workflow.tokenize import _ranking
+from geneformer_workflow.tokenize._ranking import rank_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -14,11 +14,11 @@ import anndata as ad
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow.medians import read_medians
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import load_reference_tokenizer_module
-from geneformer_workflow.tokenize import tokenize_h5ad
-from geneformer_workflow.vocab import load_token_dictionary
+from geneformer_workflow.tokenize.medians import read_medians
+from geneformer_workflow.tokenize.tokenizer import tokenize_h5ad
+from geneformer_workflow.tokenize.vocab import load_token_dictionary
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "resources" / "demo" / "pbmc_5k_protein_v3.h5ad"

@@ -15,10 +15,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow._arrow import numeric, strings
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import write_counts_h5ad
-from geneformer_workflow.vocab import build_token_dictionary, write_vocab_dir
+from geneformer_workflow.tokenize._arrow import numeric, strings
+from geneformer_workflow.tokenize.vocab import build_token_dictionary, write_vocab_dir
 
 from .cases import COUNTS, GENES
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow._io import InputError
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import write_counts_h5ad
-from geneformer_workflow.tokenize import CorpusPaths, tokenize_h5ad, validation_mask
-from geneformer_workflow.vocab import build_token_dictionary
+from geneformer_workflow.tokenize.h5ad import InputError
+from geneformer_workflow.tokenize.tokenizer import CorpusPaths, tokenize_h5ad, validation_mask
+from geneformer_workflow.tokenize.vocab import build_token_dictionary
 
 from .cases import COUNTS, EXPECTED_GENES, GENES, MEDIANS
 
@@ -174,7 +174,7 @@ def test_gene_symbols_map_through_a_mapping(tmp_path):
 
 def test_shipped_grch38_table_maps_the_demo_symbols_back_to_its_ensembl_ids():
     import anndata as ad
-    from geneformer_workflow._genes import load_gene_mapping, map_gene_ids
+    from geneformer_workflow.tokenize.genes import load_gene_mapping, map_gene_ids
 
     demo = ad.read_h5ad(Path(__file__).resolve().parents[2] / "resources/demo/pbmc_5k_protein_v3.h5ad", backed="r")
     symbols = demo.var["gene_symbol"].astype(str).to_numpy(dtype=object)

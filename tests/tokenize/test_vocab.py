@@ -5,11 +5,11 @@ import pickle
 from pathlib import Path
 
 import pytest
-from geneformer_workflow._io import InputError
-from geneformer_workflow._median_table import read_gene_medians
-from geneformer_workflow._pickle import load_plain_pickle
 from geneformer_workflow.presets import PRESETS
-from geneformer_workflow.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
+from geneformer_workflow.tokenize._pickle import load_plain_pickle
+from geneformer_workflow.tokenize.h5ad import InputError
+from geneformer_workflow.tokenize.median_table import read_gene_medians
+from geneformer_workflow.tokenize.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
 from transformers import AutoTokenizer
 
 from .cases import GENES, MEDIANS, run_gfw
@@ -116,9 +116,9 @@ def test_geneformer_tokenizer_needs_only_the_vocab_dir_and_agrees_with_ours(tmp_
     import anndata as ad
     import numpy as np
     import pyarrow.parquet as pq
-    from geneformer_workflow.medians import read_medians, summarize_h5ad, write_medians_tsv
     from geneformer_workflow.testing import load_reference_tokenizer_module
-    from geneformer_workflow.tokenize import tokenize_h5ad
+    from geneformer_workflow.tokenize.medians import read_medians, summarize_h5ad, write_medians_tsv
+    from geneformer_workflow.tokenize.tokenizer import tokenize_h5ad
 
     write_medians_tsv(summarize_h5ad(DEMO).medians(), tmp_path / "gene_medians.tsv")
     medians = read_medians(tmp_path / "gene_medians.tsv")

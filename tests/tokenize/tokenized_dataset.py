@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from geneformer_workflow.corpus_index import write_dataset_index
-from geneformer_workflow.medians import read_medians, summarize_h5ad, write_medians_tsv
 from geneformer_workflow.presets import PRESETS
 from geneformer_workflow.testing import synthetic_counts, write_counts_h5ad
-from geneformer_workflow.tokenize import tokenize_h5ad
-from geneformer_workflow.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
+from geneformer_workflow.tokenize.corpus_index import write_dataset_index
+from geneformer_workflow.tokenize.medians import read_medians, summarize_h5ad, write_medians_tsv
+from geneformer_workflow.tokenize.tokenizer import tokenize_h5ad
+from geneformer_workflow.tokenize.vocab import build_token_dictionary, load_token_dictionary, write_vocab_dir
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from geneformer_workflow.presets import get_preset
+from geneformer_workflow.tokenize.vocab import TOKENIZER_CONFIG, hf_tokenizer_files
 from geneformer_workflow.train import compose_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,12 +33,17 @@ N_GENES = 3_000
 
 
 def write_vocab(directory: Path, *, n_genes: int = N_GENES, v2: bool = False) -> Path:
-    """A token dictionary ``<pad>``, ``<mask>`` (+ ``<cls>``, ``<eos>``) then ``n_genes`` Ensembl-like ids."""
+    """A token dictionary ``<pad>``, ``<mask>`` (+ ``<cls>``, ``<eos>``) then ``n_genes`` Ensembl-like ids, and the
+    tokenizer config with the preset's ``model_max_length``."""
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["<pad>", "<mask>"] + (["<cls>", "<eos>"] if v2 else [])
     names = specials + [f"ENSG{i:011d}" for i in range(n_genes)]
-    (directory / "token_dictionary.json").write_text(json.dumps({name: i for i, name in enumerate(names)}))
+    tokens = {name: i for i, name in enumerate(names)}
+    (directory / "token_dictionary.json").write_text(json.dumps(tokens))
     (directory / "vocab.txt").write_text("\n".join(names) + "\n")
+    # model_max_length as `gfw vocab` records it: data.max_length: null reads it
+    config = hf_tokenizer_files(tokens, max_length=get_preset("v2" if v2 else "v1").max_length)[TOKENIZER_CONFIG]
+    (directory / TOKENIZER_CONFIG).write_text(config)
     return directory
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from geneformer_workflow.export import load_checkpoint_model
 from geneformer_workflow.train import main
 from geneformer_workflow.train.checkpoint import CheckpointError, step_dirs
+from geneformer_workflow.train.export import load_checkpoint_model
 
 from .conftest import (
     EQUIVALENCE,

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from geneformer_workflow.export import resolve_checkpoint
 from geneformer_workflow.train import main
 from geneformer_workflow.train.checkpoint import (
     AppState,
@@ -31,6 +30,7 @@ from geneformer_workflow.train.checkpoint import (
     step_dirs,
 )
 from geneformer_workflow.train.distributed import DistributedConfig, Runtime
+from geneformer_workflow.train.export import resolve_checkpoint
 from geneformer_workflow.train.init_from import load_source_model
 from torch.distributed.checkpoint.api import CheckpointException
 

@@ -12,7 +12,7 @@ from geneformer_workflow.train import compose_config, main, validate_config
 from .conftest import compose
 
 TIERS = ["sanity", "10m", "10m_te", "106m", "4b", "4b_te", "4b_te_fp8"]
-REQUIRED = ["run_dir=/tmp/x", "data.corpus=[a.parquet]", "data.vocab_dir=v"]
+REQUIRED = ["run_dir=/tmp/x", "data.corpus=[a.parquet]", "data.vocab_dir=v", "data.max_length=2048"]
 
 
 @pytest.mark.parametrize("name", TIERS)
@@ -35,6 +35,33 @@ def test_missing_mandatory_keys_are_listed():
         validate_config(compose_config("sanity", []))
     with pytest.raises(ValueError, match=re.escape("set exactly one of data.store and data.corpus (neither is set)")):
         validate_config(compose_config("sanity", ["run_dir=/tmp/x", "data.vocab_dir=v"]))
+
+
+@pytest.mark.parametrize("tier", ["sanity", "106m"])
+@pytest.mark.parametrize("preset", ["v1", "v2"])
+def test_null_max_length_is_the_vocabularys_model_max_length(tmp_path, tier, preset):
+    from geneformer_workflow.presets import get_preset
+    from geneformer_workflow.tokenize.vocab import write_vocab_dir
+
+    tokens = {"<pad>": 0, "<mask>": 1, "ENSG00000000003": 2}
+    if preset == "v2":
+        tokens |= {"<cls>": 3, "<eos>": 4}
+    write_vocab_dir(tokens, tmp_path / "vocab", max_length=get_preset(preset).max_length)
+    cfg = compose_config(tier, ["run_dir=/tmp/x", "data.corpus=[a.parquet]", f"data.vocab_dir={tmp_path / 'vocab'}"])
+    validate_config(cfg)
+    assert cfg.data.max_length == cfg.model.max_position_embeddings == get_preset(preset).max_length
+    explicit = compose_config(tier, [*REQUIRED[:2], f"data.vocab_dir={tmp_path / 'vocab'}", "data.max_length=512"])
+    assert explicit.data.max_length == explicit.model.max_position_embeddings == 512
+
+
+def test_null_max_length_without_a_vocabulary_length_names_the_fix(tmp_path):
+    (tmp_path / "token_dictionary.json").write_text('{"<pad>": 0, "<mask>": 1, "G": 2}')
+    cfg = compose_config("sanity", ["run_dir=/tmp/x", "data.corpus=[a.parquet]", f"data.vocab_dir={tmp_path}"])
+    expected = (
+        f"data.max_length is null (= the vocabulary's model_max_length) but {tmp_path / 'tokenizer_config.json'}"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected) + ".*set data.max_length"):
+        validate_config(cfg)
 
 
 def test_position_table_shorter_than_max_length_names_both_keys():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from geneformer_workflow.train import check_environment, compose_config, main, validate_config
 
-REQUIRED = ["run_dir=/tmp/x", "data.corpus=[a.parquet]", "data.vocab_dir=v"]
+REQUIRED = ["run_dir=/tmp/x", "data.corpus=[a.parquet]", "data.vocab_dir=v", "data.max_length=2048"]
 
 
 def refused(overrides: list[str], message: str, tier: str = "sanity") -> None:
@@ -119,7 +119,9 @@ def resumable_run(run_dir: Path, global_batch_size: int) -> None:
 )  # fmt: skip
 def test_resuming_needs_the_same_global_batch_on_any_number_of_ranks(tmp_path, world_size, overrides, message):
     resumable_run(tmp_path, 12)
-    cfg = compose_config("sanity", [f"run_dir={tmp_path}", "data.corpus=[a]", "data.vocab_dir=v", *overrides])
+    cfg = compose_config(
+        "sanity", [f"run_dir={tmp_path}", "data.corpus=[a]", "data.vocab_dir=v", "data.max_length=2048", *overrides]
+    )
     env = {"WORLD_SIZE": str(world_size), "RANK": "0"}
     with pytest.raises(ValueError, match=re.escape(message)):
         check_environment(cfg, env, cuda_devices=0)
@@ -127,7 +129,7 @@ def test_resuming_needs_the_same_global_batch_on_any_number_of_ranks(tmp_path, w
 
 def test_resuming_with_a_matching_batch_or_without_resume_passes(tmp_path):
     resumable_run(tmp_path, 12)
-    base = [f"run_dir={tmp_path}", "data.corpus=[a]", "data.vocab_dir=v"]
+    base = [f"run_dir={tmp_path}", "data.corpus=[a]", "data.vocab_dir=v", "data.max_length=2048"]
     env = {"WORLD_SIZE": "3", "RANK": "0"}
     check_environment(compose_config("sanity", [*base, "training.grad_accum_steps=2"]), env, cuda_devices=0)
     check_environment(compose_config("sanity", [*base, "checkpoint.resume=false"]), env, cuda_devices=0)
@@ -138,7 +140,8 @@ def test_main_refuses_before_reading_the_corpus(tmp_path):
     """The corpus and vocabulary do not exist: the config error comes first, so it was checked before them."""
     cfg = compose_config(
         "sanity",
-        [f"run_dir={tmp_path}", "data.corpus=[missing.parquet]", "data.vocab_dir=missing", "training.device=auto",
+        [f"run_dir={tmp_path}", "data.corpus=[missing.parquet]", "data.vocab_dir=missing", "data.max_length=2048",
+         "training.device=auto",
          "backend.name=mfsdp"],
     )  # fmt: skip
     with pytest.raises(ValueError, match=re.escape("backend.name=mfsdp needs CUDA GPUs")):

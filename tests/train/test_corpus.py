@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow.store import open_store
+from geneformer_workflow.tokenize.store import open_store
 from geneformer_workflow.train.corpus import build_cache, resolve_corpus_files
 
 SPLITS = {"train": "train", "validation": "validation"}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from geneformer_workflow.export import cli_main, export_checkpoint, load_checkpoint_model
+from geneformer_workflow.train.export import cli_main, export_checkpoint, load_checkpoint_model
 
 
 @pytest.mark.slow

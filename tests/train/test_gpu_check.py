@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py: its CPU dry run exercises every section; a failing section does not stop the others."""
+"""benchmarks/gpu_check.py and its section scripts: the CPU dry run exercises every section; a failing section does
+not stop the others; each script runs its own sections alone."""
 
 from __future__ import annotations
 
@@ -12,24 +13,26 @@ import pytest
 
 from .conftest import REPO, subprocess_env
 
-SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+BENCHMARKS = REPO / "benchmarks"
+SCRIPT = BENCHMARKS / "gpu_check.py"
 SECTIONS = ["environment", "tests", "backends", "throughput", "memory_4b", "packing"]
+SECTION_SCRIPTS = ["gpu_environment", "gpu_backends", "gpu_throughput", "gpu_memory_4b", "gpu_packing"]
 
 
-def load_script():
-    """The benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+def load_common():
+    """The scripts' shared helpers as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("_gpu_common", BENCHMARKS / "_gpu_common.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    sys.modules["_gpu_common"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def run_check(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run the script into ``tmp_path/out``; returns the process and the JSON report."""
-    command = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), *args]
+def run_check(tmp_path: Path, *args: str, script: Path = SCRIPT, timeout: float = 300):
+    """Run ``script`` into ``tmp_path/out``; returns the process and its JSON report."""
+    command = [sys.executable, str(script), "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), *args]
     proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    report_file = tmp_path / "out" / "gpu_check.json"
+    report_file = tmp_path / "out" / f"{script.stem}.json"
     assert report_file.is_file(), f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc, json.loads(report_file.read_text())
 
@@ -37,7 +40,7 @@ def run_check(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[subproc
 @pytest.mark.slow
 def test_dry_run_exercises_every_section_on_cpu(small_corpus, tmp_path):
     corpus = ["--corpus", *map(str, small_corpus.files), "--vocab-dir", str(small_corpus.vocab_dir)]
-    proc, report = run_check(tmp_path, "--dry-run", *corpus)
+    proc, report = run_check(tmp_path, "--dry-run", "--jobs", "2", *corpus)  # two sections at a time
     sections = report["sections"]
     assert proc.returncode == 0, "\n".join(report["summary"]) + json.dumps(sections, indent=1)[-4000:]
     assert list(sections) == SECTIONS
@@ -46,7 +49,8 @@ def test_dry_run_exercises_every_section_on_cpu(small_corpus, tmp_path):
     assert backends["mfsdp"] == {"status": "skipped", "reason": "megatron-fsdp needs CUDA"}
     assert backends["fsdp2"]["resumed_to"] == 4 and backends["fsdp2"]["max_loss_difference_vs_none"] < 1e-5
     throughput = sections["throughput"]["result"]
-    assert throughput["sanity"]["tokens_per_second"] > 0
+    assert throughput["sanity"]["tokens_per_second"] > 0 and throughput["sanity"]["model_tflops_per_second"] > 0
+    assert throughput["sanity_transformers"]["ours_speedup"] > 0
     assert throughput["engine"]["metrics"]["train/mfu"] > 0  # the dry run sets logging.peak_tflops=1
     assert [c["micro_batch"] for c in sections["memory_4b"]["result"]["cases"]] == [1, 2, 1, 1]
     packing = sections["packing"]["result"]
@@ -54,7 +58,9 @@ def test_dry_run_exercises_every_section_on_cpu(small_corpus, tmp_path):
     assert packing["sanity_speed"]["ours_packed"]["seconds_per_step"] > 0
     assert packing["engine"]["packing_True"]["train/unpadded_tokens_per_second"] > 0
     assert "aten::" in packing["engine"]["profile_padded"]
+    assert [line.split()[0] for line in report["summary"]] == SECTIONS
     assert "# Summary" in proc.stdout and (tmp_path / "out" / "gpu_check.md").is_file()
+    assert (tmp_path / "out" / "gpu_check.log").read_text().count("===== section") == len(SECTIONS)
 
 
 def test_failing_sections_are_recorded_and_the_rest_still_run(tmp_path):
@@ -65,17 +71,54 @@ def test_failing_sections_are_recorded_and_the_rest_still_run(tmp_path):
     assert proc.returncode == 1
     assert {n: s["status"] for n, s in report["sections"].items()} == {"environment": "failed", "memory_4b": "failed"}
     assert "no CUDA device" in report["sections"]["environment"]["error"]
+    assert report["summary"][0].startswith("environment  failed") and "no CUDA device" in report["summary"][0]
     assert (tmp_path / "out" / "gpu_check.log").read_text().count("===== section") == 2
+
+
+def test_sections_run_side_by_side_only_on_cpu(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--device", "cuda", "--jobs", "2"]
+    proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode != 0 and "--jobs 2: sections run side by side only on CPU" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", SECTION_SCRIPTS)
+def test_each_section_script_takes_the_check_options(name):
+    command = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--help"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0 and all(opt in proc.stdout for opt in ("--dry-run", "--sections", "--out", "--jobs"))
+
+
+def test_a_section_script_runs_its_own_sections_alone(tmp_path):
+    script = BENCHMARKS / "gpu_environment.py"
+    proc, report = run_check(tmp_path, "--dry-run", "--sections", "tests", script=script)  # a quick skip on CPU
+    assert proc.returncode == 0 and report["sections"] == {"tests": report["sections"]["tests"]}
+    assert report["sections"]["tests"]["status"] == "skipped"
+    assert (tmp_path / "out" / "gpu_environment.md").read_text().startswith("# GPU check (cpu, tiny sizes)")
+    command = [sys.executable, str(script), "--dry-run", "--sections", "backends"]  # another script's section
+    other = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert other.returncode == 2 and "invalid choice: 'backends'" in other.stderr
+
+
+def test_a_failing_part_is_recorded_and_the_next_part_still_runs():
+    common = load_common()
+    parts = common.Parts({"note": 1})
+    assert parts.run("first", lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero"}
+    parts.run("reference", lambda: {}["missing"], fatal=False)  # recorded, does not fail the section
+    assert parts.run("second", lambda: {"tokens_per_second": 5.0}) == {"tokens_per_second": 5.0}
+    with pytest.raises(common.SectionError, match=r"failed: \['first'\]") as raised:
+        parts.finish()
+    assert list(raised.value.result) == ["note", "first", "reference", "second"]
+    assert raised.value.result["reference"] == {"error": "KeyError: 'missing'"}
 
 
 def test_root_cause_skips_torchrun_boilerplate():
     log = "Traceback\nValueError: data.corpus entry 'x' matches no parquet file\nChildFailedError: \n  exitcode: 1"
-    assert load_script().root_cause(log) == "ValueError: data.corpus entry 'x' matches no parquet file"
+    assert load_common().root_cause(log) == "ValueError: data.corpus entry 'x' matches no parquet file"
 
 
 def test_synthetic_corpus_trains_without_a_tokenized_demo(tmp_path):
-    module = load_script()
-    directory = module.write_synthetic_corpus(tmp_path, n_cells=20)
+    directory = load_common().write_synthetic_corpus(tmp_path, n_cells=20)
     import pyarrow.parquet as pq
 
     table = pq.read_table(directory / "corpus.parquet")

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from geneformer_workflow.export import export_checkpoint, load_checkpoint_model
 from geneformer_workflow.train import main
+from geneformer_workflow.train.export import export_checkpoint, load_checkpoint_model
 
 from .conftest import compose
 

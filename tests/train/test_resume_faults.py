@@ -156,7 +156,7 @@ def test_a_failed_cache_write_names_the_directory_the_problem_and_the_fix(small_
 
 @pytest.mark.parametrize(("code", "problem"), [(errno.ENOSPC, "disk full"), (errno.EDQUOT, "disk quota exceeded")])
 def test_a_full_disk_or_quota_during_the_cache_build_is_named(small_corpus, tmp_path, monkeypatch, code, problem):
-    from geneformer_workflow import store
+    from geneformer_workflow.tokenize import store
 
     def full(*_args, **_kwargs):
         raise OSError(code, os.strerror(code))

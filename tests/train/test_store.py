@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from geneformer_workflow._io import InputError
-from geneformer_workflow.store import (
+from geneformer_workflow.tokenize.h5ad import InputError
+from geneformer_workflow.tokenize.store import (
     INDEX_NAME,
     SplitValues,
     build_store,

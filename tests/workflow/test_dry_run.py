@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
 
-from .helpers import REPO, SNAKEMAKE, run_snakemake, write_config
+from .helpers import DEMO, REPO, SNAKEMAKE, run_snakemake, write_config
 
 
 @pytest.mark.parametrize("model", ["sanity", "10m", "106m", "4b", "4b_te_fp8"])
@@ -23,7 +24,6 @@ def test_dry_run_of_the_fresh_demo_lists_every_rule(tmp_path):
     assert result.returncode == 0, result.stderr
     for rule in (
         "qc_dataset",
-        "summarize_expression",
         "compute_gene_medians",
         "build_vocabulary",
         "tokenize_dataset",
@@ -81,7 +81,43 @@ def test_bad_config_is_rejected_before_any_job(tmp_path, overrides, message):
 
 def test_the_summary_rule_names_the_current_summary_format():
     """A new summary format must rerun old summaries: the rule's params carry medians.FORMAT_VERSION."""
-    from geneformer_workflow.medians import FORMAT_VERSION
+    from geneformer_workflow.tokenize.medians import FORMAT_VERSION
 
-    rules = (REPO / "workflow" / "rules" / "reference.smk").read_text()
+    rules = (REPO / "workflow" / "rules" / "qc.smk").read_text()  # qc_dataset writes the summaries
     assert f"summary_format={FORMAT_VERSION}," in rules
+
+
+def per_input_jobs(workdir, **overrides):
+    """Job counts and shell commands of a forced dry run over two inputs (two names for the demo file)."""
+    for name in ("donor_a", "donor_b"):
+        (workdir / f"{name}.h5ad").symlink_to(DEMO)
+    write_config(workdir, inputs=[str(workdir / "*.h5ad")], **overrides)
+    result = run_snakemake(workdir, "-n", "-p", "--forceall", timeout=300)
+    assert result.returncode == 0, result.stderr
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    commands = [line for line in result.stdout.splitlines() if "-m geneformer_workflow" in line]
+    return jobs, commands
+
+
+def test_each_input_is_three_jobs_qc_with_its_summary_tokenize_with_its_store_part_and_the_index(tmp_path):
+    """Planning costs Snakemake 1-2 ms a job (docs/scale.md): QC writes the expression summary, the tokenization
+    job writes the shard's training-store part, and neither is a job of its own."""
+    jobs, commands = per_input_jobs(tmp_path)
+    assert jobs["qc_dataset"] == jobs["tokenize_dataset"] == jobs["index_dataset"] == "2"
+    assert "summarize_expression" not in jobs and "store_shard" not in jobs
+    per_input = {name: int(n) for name, n in jobs.items() if n == "2"}
+    assert sum(per_input.values()) == 6, jobs
+    qc = [c for c in commands if " qc " in c]
+    assert len(qc) == 2 and all(" summarize " in c and "results/medians/donor_" in c for c in qc)
+    tokenize = [c for c in commands if " tokenize " in c]
+    assert len(tokenize) == 2
+    assert all(" store part results/tokenized/donor_" in c and "-o results/store/donor_" in c for c in tokenize)
+
+
+def test_given_gene_medians_the_qc_job_writes_no_expression_summary(tmp_path):
+    medians = tmp_path / "medians.tsv"
+    medians.write_text("gene_id\tmedian\nENSG00000000003\t1.5\n")
+    jobs, commands = per_input_jobs(tmp_path, vocabulary={"gene_medians": str(medians)})
+    assert jobs["qc_dataset"] == "2" and "compute_gene_medians" not in jobs
+    qc = [c for c in commands if " qc " in c]
+    assert len(qc) == 2 and not any(" summarize " in c or "results/medians" in c for c in qc)

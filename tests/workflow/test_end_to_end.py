@@ -77,6 +77,9 @@ def test_dataset_index_lists_the_shards_and_their_lengths_in_order(demo_run):
     lengths = np.concatenate([np.load(directory / f"shard-000{i}.lengths.npy") for i in range(2)])
     assert np.array_equal(np.load(directory / "dataset.lengths.npy"), lengths)
     assert pickle.loads((directory / "dataset.lengths.pkl").read_bytes()) == lengths.tolist()
+    # the corpus list names exactly the inputs' datasets, relative to itself
+    assert (demo_run / "results/tokenized/datasets.txt").read_text() == "pbmc_5k_protein_v3/dataset.json\n"
+    assert (demo_run / "results/pretrain/sanity/config.yaml").is_file()  # the config the run used, for the report
 
 
 def test_a_moved_copy_of_the_project_has_nothing_to_do(demo_run, tmp_path):

@@ -13,7 +13,6 @@ pytestmark = pytest.mark.slow
 TOKENIZATION_RULES = ", ".join(
     [
         "qc_dataset",
-        "summarize_expression",
         "list_expression_summaries",
         "compute_gene_medians",
         "build_vocabulary",
@@ -52,4 +51,9 @@ rule all:
     manifest = json.loads((tmp_path / "results/tokenized/pbmc_5k_protein_v3/shard-0000.manifest.json").read_text())
     assert manifest["preset"] == "v2"
     assert manifest["n_cells"] > 0
+    # the merged jobs: QC wrote the expression summary, tokenization the shard's training-store part
+    assert (tmp_path / "results/medians/pbmc_5k_protein_v3.npz").is_file()
+    part = json.loads((tmp_path / "results/store/pbmc_5k_protein_v3/shard-0000.json").read_text())
+    assert part["source"] == "shard-0000.parquet"
+    assert part["train"]["cells"] + part["validation"]["cells"] == manifest["n_cells"]
     assert not (tmp_path / "results/pretrain").exists()

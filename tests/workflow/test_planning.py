@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from geneformer_workflow import _plan
-from geneformer_workflow._io import InputError, count_cells
-from geneformer_workflow._plan import cached_cell_counts, header_cell_count, plan_row_ranges
+from geneformer_workflow.plan.inputs import CACHE_VERSION, cached_cell_counts, plan_row_ranges
 from geneformer_workflow.testing import synthetic_counts, write_counts_h5ad
+from geneformer_workflow.tokenize import h5ad
+from geneformer_workflow.tokenize.h5ad import InputError, count_cells, header_cell_count
 
 from .helpers import run_snakemake, write_config
 
@@ -32,7 +32,7 @@ def reads(monkeypatch):
         opened.append(os.path.basename(path))
         return header_cell_count(path, counts)
 
-    monkeypatch.setattr(_plan, "header_cell_count", counting)
+    monkeypatch.setattr(h5ad, "header_cell_count", counting)
     return opened
 
 
@@ -94,7 +94,7 @@ def test_a_damaged_or_foreign_cache_is_ignored_and_replaced(tmp_path, reads, con
     assert cached_cell_counts(files, "X", cache) == {"a": 5}
     assert reads == ["a.h5ad"]
     data = json.loads(cache.read_text())
-    assert data["version"] == _plan.CACHE_VERSION and list(data["files"]) == [os.path.abspath(files["a"])]
+    assert data["version"] == CACHE_VERSION and list(data["files"]) == [os.path.abspath(files["a"])]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
@@ -161,7 +161,7 @@ def test_gene_medians_take_the_summaries_through_a_list_file(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     listing = (tmp_path / "results/medians/summaries.txt").read_text().splitlines()
     assert listing == ["results/medians/first file.npz", "results/medians/second.npz"]
-    from geneformer_workflow.medians import ExpressionSummary, merge_summaries
+    from geneformer_workflow.tokenize.medians import ExpressionSummary, merge_summaries
 
     expected = merge_summaries(ExpressionSummary.load(tmp_path / p) for p in listing).medians()
     table = pd.read_csv(tmp_path / "results/reference/gene_medians.tsv", sep="\t", float_precision="round_trip")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from geneformer_workflow import plots
+from geneformer_workflow.report import cli, configuration, training
 
 from .helpers import REPO
 
@@ -24,6 +24,7 @@ def make_run(run_dir: Path, *, checkpoint: str = "checkpoints/step_3") -> Path:
     (step / "model_config.json").write_text(json.dumps({"vocab_size": 100}))
     (step / "checkpoint.json").write_text(json.dumps({"step": 3, "seed": 7}))
     (run_dir / "final.json").write_text(json.dumps({"checkpoint": checkpoint, "step": 3}))
+    (run_dir / "config.yaml").write_text("seed: 7\ntraining:\n  max_steps: 3\n")
     records = [{"step": s, "train/loss": 4.0 / s, "train/unpadded_tokens_per_second": 9.0} for s in (1, 2, 3)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run_dir
@@ -34,9 +35,9 @@ def test_training_curves_drop_a_partial_last_metrics_line_with_a_warning(tmp_pat
     with (run_dir / "metrics.jsonl").open("a") as handle:
         handle.write('{"step": 4, "train/lo')
     with caplog.at_level(logging.WARNING):
-        plots.plot_training_curves(run_dir, tmp_path / "loss.png", tmp_path / "tp.png")
+        training.plot_training_curves(run_dir, tmp_path / "loss.png", tmp_path / "tp.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
-    assert list(plots.read_metrics(run_dir)["step"]) == [1, 2, 3]
+    assert list(training.read_metrics(run_dir)["step"]) == [1, 2, 3]
     assert f"{run_dir / 'metrics.jsonl'}: dropping line 4, a partial record" in caplog.text
 
 
@@ -45,7 +46,7 @@ def test_a_corrupt_metrics_line_before_the_last_is_one_clear_error(tmp_path, cap
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     lines[1] = lines[1][:10]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    code = plots.cli_main(["training", str(run_dir), "--loss", str(tmp_path / "l.png"), "--throughput", "t.png"])
+    code = cli.cli_main(["training", str(run_dir), "--loss", str(tmp_path / "l.png"), "--throughput", "t.png"])
     assert code == 2
     err = capsys.readouterr().err
     prefix = f"gfw plot training: error: {run_dir / 'metrics.jsonl'}: line 2 of 3 is not a JSON record ("
@@ -64,21 +65,37 @@ def test_a_final_json_pointing_outside_the_run_directory_is_refused(tmp_path, ca
         argv = ["training", str(run_dir), "--loss", f"{out}.png", "--throughput", f"{out}-tp.png"]
     else:
         argv = ["configuration", "-o", f"{out}.html", "--model-dir", str(tmp_path), "--run-dir", str(run_dir)]
-    assert plots.cli_main(argv) == 2
+    assert cli.cli_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"gfw plot {command}: error: {run_dir / 'final.json'}: 'checkpoint'={checkpoint!r} is not")
     assert "checkpoints/step_<n> inside the run directory" in err and not list(tmp_path.glob("out*"))
 
 
-def test_the_configuration_table_reads_the_final_checkpoint(tmp_path):
+def test_the_configuration_page_shows_the_config_the_run_wrote_and_the_final_checkpoint(tmp_path):
     run_dir = make_run(tmp_path / "run")
-    plots.write_configuration(tmp_path / "c.html", workflow_config={}, model_dir=tmp_path / "m", run_dir=run_dir)
-    assert "<th>seed</th>" in (tmp_path / "c.html").read_text()
+    configuration.write_configuration(
+        tmp_path / "c.html", workflow_config={}, model_dir=tmp_path / "m", run_dir=run_dir
+    )
+    page = (tmp_path / "c.html").read_text()
+    assert "<th>seed</th>" in page  # from the final checkpoint
+    assert "training:\n  max_steps: 3" in page and f"as the run used it: {run_dir / 'config.yaml'}" in page
 
 
-def test_the_plot_module_does_not_import_torch():
-    """envs/report.yaml has no torch: the run-directory helpers must come from the torch-free _run_dir."""
-    code = "import sys, geneformer_workflow.plots; sys.exit('torch' in sys.modules)"
+def test_the_configuration_page_of_a_run_without_its_config_is_one_clear_error(tmp_path, capsys):
+    run_dir = make_run(tmp_path / "run")
+    (run_dir / "config.yaml").unlink()
+    out = tmp_path / "c.html"
+    argv = ["configuration", "-o", str(out), "--model-dir", str(tmp_path), "--run-dir", str(run_dir)]
+    assert cli.cli_main(argv) == 2
+    assert f"{run_dir / 'config.yaml'} not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_report_modules_do_not_import_torch():
+    """envs/report.yaml has no torch: the run-directory helpers must come from the torch-free run_dir module."""
+    modules = ", ".join(
+        f"geneformer_workflow.report.{m}" for m in ("cli", "corpus", "training", "umap", "configuration")
+    )
+    code = f"import sys, {modules}; sys.exit('torch' in sys.modules)"
     proc = subprocess.run(
         [sys.executable, "-c", code], env={"PYTHONPATH": str(REPO / "workflow" / "scripts")}, capture_output=True
     )

@@ -2,7 +2,7 @@ rule embed_cells:
     """Per-cell embeddings of every corpus cell from the exported model (mean over gene tokens; <cls> for v2)."""
     input:
         model_dir=rules.export_model.output.model_dir,
-        corpus=get_corpus_indexes(),
+        corpus=CORPUS_LIST,
     output:
         h5ad="results/embed/{model}/cells.h5ad",
     log:
@@ -52,4 +52,6 @@ rule plot_cell_embeddings:
     params:
         gfw=GFW,
     shell:
-        "{params.gfw} plot umap {input.h5ad:q} -o {output.umap:q} --qc {input.qc:q} > {log:q} 2>&1"
+        # The QC tables reach gfw through a pipe (printf is a shell builtin: no argument limit), not its command line.
+        "printf '%s\\n' --qc {input.qc:q} | {params.gfw} plot umap {input.h5ad:q} -o {output.umap:q} @/dev/stdin "
+        "> {log:q} 2>&1"

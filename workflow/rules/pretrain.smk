@@ -41,7 +41,7 @@ rule pretrain_model:
         nproc=PRETRAIN_JOB["nproc_per_node"],
         config_dir=TRAIN_CONFIG_DIR,
         overrides=lambda wildcards, input, output: shlex.join(
-            pretrain_overrides(input.store, input.vocab, subpath(output.final, parent=True))
+            get_pretrain_overrides(input.store, input.vocab, subpath(output.final, parent=True))
         ),
     shell:
         "PYTHONPATH={params.scripts:q}${{PYTHONPATH:+:$PYTHONPATH}} OMP_NUM_THREADS=1 "

@@ -1,8 +1,17 @@
+# The expression summary of a file (for the gene medians) is written by its QC job, right after QC, unless the
+# config gives gene medians: one job per input instead of two, since planning costs Snakemake about 1-2 ms per job
+# (10,000 inputs: docs/scale.md). The summary reads the cells.tsv that QC just wrote.
+QC_SUMMARIZES = not config["vocabulary"].get("gene_medians")
+EXPRESSION_SUMMARY = "results/medians/{dataset}.npz"
+
+
 rule qc_dataset:
-    """Per-cell QC metrics (scanpy) and the filter_pass verdict for one input file."""
+    """Per-cell QC metrics (scanpy) and the filter_pass verdict for one input file; then, when the workflow computes
+    the gene medians, the file's mergeable histogram of normalised expression per gene over the kept cells."""
     input:
         h5ad=get_h5ad,
     output:
+        **({"expression": EXPRESSION_SUMMARY} if QC_SUMMARIZES else {}),
         cells="results/qc/{dataset}/cells.tsv",
         summary="results/qc/{dataset}/summary.json",
         plot=report(
@@ -17,12 +26,21 @@ rule qc_dataset:
         "../../envs/tokenize.yaml"
     threads: 1
     resources:
+        # one pass over the file each, one after the other: the larger of their memory, the sum of their times
         mem_mb=4000,
-        runtime=60,
+        runtime=120 if QC_SUMMARIZES else 60,
     params:
         gfw=GFW,
         options=input_options(),
         thresholds=qc_options(),
+        # = medians.FORMAT_VERSION: a new summary format is a params change, so Snakemake remakes old summaries.
+        summary_format=2,
     shell:
         "{params.gfw} qc {input.h5ad:q} -o {output.cells:q} --summary {output.summary:q} --plot {output.plot:q} "
         "{params.options} {params.thresholds} > {log:q} 2>&1"
+        + (
+            " && {params.gfw} summarize {input.h5ad:q} -o {output.expression:q} --cell-filter {output.cells:q} "
+            "{params.options} >> {log:q} 2>&1"
+            if QC_SUMMARIZES
+            else ""
+        )

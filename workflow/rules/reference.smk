@@ -1,27 +1,3 @@
-rule summarize_expression:
-    """Mergeable per-file histogram of normalised expression per gene (for the gene medians)."""
-    input:
-        h5ad=get_h5ad,
-        cells=rules.qc_dataset.output.cells,
-    output:
-        summary="results/medians/{dataset}.npz",
-    log:
-        "logs/summarize_expression/{dataset}.log",
-    conda:
-        "../../envs/tokenize.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    params:
-        gfw=GFW,
-        # = medians.FORMAT_VERSION: a new summary format is a params change, so Snakemake remakes old summaries.
-        summary_format=2,
-        options=input_options(),
-    shell:
-        "{params.gfw} summarize {input.h5ad:q} -o {output.summary:q} --cell-filter {input.cells:q} {params.options} > {log:q} 2>&1"
-
-
 rule list_expression_summaries:
     """The per-file summaries, one path per line: compute_gene_medians reads its inputs from this file.
 
@@ -30,7 +6,7 @@ rule list_expression_summaries:
     quadratic in the number of inputs (docs/scale.md).
     """
     input:
-        summaries=expand(rules.summarize_expression.output.summary, dataset=DATASETS),
+        summaries=expand(EXPRESSION_SUMMARY, dataset=DATASETS),  # written by qc_dataset (qc.smk)
     output:
         listing="results/medians/summaries.txt",
     log:

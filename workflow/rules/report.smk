@@ -4,10 +4,6 @@ import json
 
 # The manifest beside every corpus shard (cells, genes mapped, tokens, vocabulary).
 CORPUS_MANIFESTS = [path.removesuffix(".parquet") + ".manifest.json" for path in get_corpus_shards()]
-# The Hydra overrides of the pretraining job (the same function builds them), to show its composed config.
-TRAINING_OVERRIDES = json.dumps(
-    pretrain_overrides(STORE_INDEX, "results/reference/vocab", f"results/pretrain/{MODEL}")
-)
 
 
 rule summarize_corpus:
@@ -98,7 +94,7 @@ rule plot_training_curves:
 
 
 rule write_run_configuration:
-    """The run's configuration: workflow config, composed training config, model size and run facts."""
+    """The run's configuration: workflow config, the training config the run used (config.yaml), model, run."""
     input:
         final=rules.pretrain_model.output.final,
         model_dir=rules.export_model.output.model_dir,
@@ -120,10 +116,7 @@ rule write_run_configuration:
     params:
         gfw=GFW,
         run_dir=subpath(input.final, parent=True),
-        config_dir=TRAIN_CONFIG_DIR,
         workflow_config=json.dumps(config),
-        overrides=TRAINING_OVERRIDES,
     shell:
         "{params.gfw} plot configuration -o {output.html:q} --model-dir {input.model_dir:q} --run-dir {params.run_dir} "
-        "--train-config-dir {params.config_dir} --model {wildcards.model} "
-        "--workflow-config {params.workflow_config:q} --train-overrides {params.overrides:q} > {log:q} 2>&1"
+        "--workflow-config {params.workflow_config:q} > {log:q} 2>&1"

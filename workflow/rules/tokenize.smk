@@ -1,5 +1,9 @@
 rule tokenize_dataset:
-    """Rank-value tokens of the kept cells of one shard (row range) of a file: parquet + lengths + manifest."""
+    """Rank-value tokens of the kept cells of one shard (row range) of a file: parquet + lengths + manifest; then the
+    same shard in the training store's layout (store.smk), one pass over its tokens, train then validation cells.
+
+    One job per shard for both, since planning costs Snakemake about 1-2 ms per job (10,000 inputs: docs/scale.md).
+    """
     input:
         h5ad=get_h5ad,
         cells=rules.qc_dataset.output.cells,
@@ -10,6 +14,9 @@ rule tokenize_dataset:
         lengths="results/tokenized/{dataset}/shard-{shard}.lengths.npy",
         lengths_pkl="results/tokenized/{dataset}/shard-{shard}.lengths.pkl",
         manifest="results/tokenized/{dataset}/shard-{shard}.manifest.json",
+        store_tokens="results/store/{dataset}/shard-{shard}.tokens.npy",
+        store_offsets="results/store/{dataset}/shard-{shard}.offsets.npy",
+        store_part="results/store/{dataset}/shard-{shard}.json",
     log:
         "logs/tokenize_dataset/{dataset}/shard-{shard}.log",
     benchmark:
@@ -18,8 +25,9 @@ rule tokenize_dataset:
         "../../envs/tokenize.yaml"
     threads: 1
     resources:
+        # tokenization, then the store part (benchmarks/scale_store.py: under 0.5 GB, one 4,096-row batch at a time)
         mem_mb=4000,
-        runtime=120,
+        runtime=150,
     params:
         gfw=GFW,
         options=input_options(),
@@ -32,7 +40,8 @@ rule tokenize_dataset:
         "{params.gfw} tokenize {input.h5ad:q} {output.parquet:q} --token-dictionary {input.vocab:q} "
         "--gene-medians {input.medians:q} --preset {params.preset} --cell-filter {input.cells:q} "
         "{params.obs_columns} --validation-fraction {params.validation_fraction} "
-        "{params.rows} --threads {threads} --parquet-encoding {params.encoding} {params.options} > {log:q} 2>&1"
+        "{params.rows} --threads {threads} --parquet-encoding {params.encoding} {params.options} > {log:q} 2>&1 && "
+        "{params.gfw} store part {output.parquet:q} -o {output.store_part:q} --vocab-dir {input.vocab:q} >> {log:q} 2>&1"
 
 
 rule index_dataset:
@@ -58,4 +67,24 @@ rule index_dataset:
     params:
         gfw=GFW,
     shell:
-        "{params.gfw} index {input.shards:q} -o {output.index:q} > {log:q} 2>&1"
+        # The shards reach gfw through a pipe (printf is a shell builtin: no argument limit), not its command line.
+        "printf '%s\\n' {input.shards:q} | {params.gfw} index @/dev/stdin -o {output.index:q} > {log:q} 2>&1"
+
+
+rule list_corpus_datasets:
+    """results/tokenized/datasets.txt: the index of each dataset of config 'inputs', one per line, relative to it.
+
+    What `gfw embed`, `gfw hf-dataset`, `gfw store build` and data.corpus take for the whole corpus. A glob over
+    results/tokenized/*/dataset.json would also read datasets removed from 'inputs' (their results stay).
+    """
+    input:
+        get_corpus_indexes,
+    output:
+        listing=CORPUS_LIST,
+    log:
+        "logs/list_corpus_datasets/all.log",
+    localrule: True
+    run:
+        Path(output.listing).write_text(
+            "".join(f"{os.path.relpath(index, Path(output.listing).parent)}\n" for index in input)
+        )

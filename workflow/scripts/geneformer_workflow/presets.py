@@ -1,10 +1,13 @@
-"""Geneformer tokenization presets (DESIGN §4)."""
+"""Geneformer tokenization presets (DESIGN §4), the special tokens and the corpus's column names: no imports beyond
+the standard library (the workflow's planning reads them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
+# The corpus's own columns; obs columns kept beside them need other names (checked by gfw tokenize and the workflow).
+CORPUS_COLUMNS = ("input_ids", "length", "cell_id", "split")
 
 
 @dataclass(frozen=True)

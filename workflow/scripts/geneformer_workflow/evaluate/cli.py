@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..embed import GENEFORMER_EMB_LAYERS, EmbeddingSettings, LayerSelection
+from .embed import GENEFORMER_EMB_LAYERS, EmbeddingSettings, LayerSelection
 from .embeddings import CHECKPOINT, PRETRAINED, CountsSource, ModelSpec
 from .run import EvaluationOutputs, EvaluationPlan, evaluate_dataset
 from .scores import ScoreSettings
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace) -> EvaluationPlan:
-    from .._genes import load_gene_mapping
+    from ..tokenize.genes import load_gene_mapping
     from ._labels import EvaluationInputError
 
     names = [name for name, _ in args.model]
@@ -116,7 +116,7 @@ def cli_main(argv: list[str]) -> int:
         if args.hidden_state is not None
         else LayerSelection.geneformer(args.geneformer_emb_layer)
     )
-    from .._io import InputError
+    from ..tokenize.h5ad import InputError
 
     try:
         table = evaluate_dataset(

@@ -1,8 +1,9 @@
 """Cell embeddings of an annotated ``.h5ad`` from each model that is evaluated.
 
 * A Geneformer model directory (ours or a public Hugging Face one): the file is tokenized with the model's own
-  token dictionary and gene medians (``geneformer_workflow.tokenize``) into a temporary corpus, then embedded by
-  ``geneformer_workflow.embed`` (mean over gene tokens of the chosen layer, as ``gfw embed``).
+  token dictionary and gene medians (``geneformer_workflow.tokenize.tokenizer``) into a temporary corpus, then
+  embedded by
+  ``geneformer_workflow.evaluate.embed`` (mean over gene tokens of the chosen layer, as ``gfw embed``).
 * The same architecture with random weights (``random_weights``): the model's config with a fresh, seeded
   initialisation (``GeneformerForMaskedLM._init_weights``), tokenized and embedded the same way. The gap between
   a model and its random twin is what pretraining added.
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embed import MEAN_KEY, EmbeddingSettings, embed_corpus
-from ..vocab import GENEFORMER_GENE_MEDIANS, GENEFORMER_TOKEN_DICTIONARY, TOKEN_DICTIONARY
+from ..tokenize.vocab import GENEFORMER_GENE_MEDIANS, GENEFORMER_TOKEN_DICTIONARY, TOKEN_DICTIONARY
 from ._labels import EvaluationInputError
+from .embed import MEAN_KEY, EmbeddingSettings, embed_corpus
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def resolve_dictionaries(spec: ModelSpec) -> tuple[Path, Path]:
                 "trained with (evaluate.checkpoints: token_dictionary, gene_medians)"
             )
             raise EvaluationInputError(msg)
-    from ..vocab import load_token_dictionary
+    from ..tokenize.vocab import load_token_dictionary
 
     n_tokens = len(load_token_dictionary(tokens_path))
     vocab_size = int(json.loads(config.read_text())["vocab_size"])
@@ -126,10 +127,10 @@ def embed_with_model(
         (cell ids, embeddings): the cells the tokenizer kept (cells without any vocabulary gene are dropped) and
         their mean embeddings, (cells, hidden) float32.
     """
-    from .._median_table import read_gene_medians
     from ..presets import PRESETS
-    from ..tokenize import tokenize_h5ad
-    from ..vocab import has_special_tokens, load_token_dictionary
+    from ..tokenize.median_table import read_gene_medians
+    from ..tokenize.tokenizer import tokenize_h5ad
+    from ..tokenize.vocab import has_special_tokens, load_token_dictionary
 
     tokens_path, medians_path = resolve_dictionaries(spec)
     tokens = load_token_dictionary(tokens_path)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..embed import EmbeddingSettings
 from ._labels import EvaluationInputError, Labels, align, read_labels
+from .embed import EmbeddingSettings
 from .embeddings import (
     DEFAULT_EMBEDDING,
     PCA,
@@ -84,7 +84,7 @@ def evaluate_dataset(
         EvaluationInputError: a bad label or batch column, too few cells, a model without matching dictionaries.
         OutputError: an output exists (without ``overwrite``), is a directory or is an input.
     """
-    from .._atomic import atomic_files, check_outputs
+    from ..atomic import atomic_files, check_outputs
 
     if not plan.models and not plan.pca:
         msg = "nothing to evaluate: give at least one model (--model) or --pca"

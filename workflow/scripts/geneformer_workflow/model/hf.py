@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .._atomic import atomic_path
+from ..atomic import atomic_path
 from .bert import GeneformerForMaskedLM
 from .config import ModelConfig
 from .te_names import te_state_dict_to_hf

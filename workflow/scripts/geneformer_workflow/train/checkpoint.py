@@ -44,19 +44,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .._atomic import FULL_BELOW_BYTES, NO_SPACE, fsync_dir
-from .._atomic import write_json_atomic as write_json_atomic  # fsynced, then renamed: readers never see half a file
-
-# The run-directory names that the report reads too live in the torch-free _run_dir; re-exported here.
-from .._run_dir import CHECKPOINTS, CheckpointError, read_json
-from .._run_dir import FINAL_FILE as FINAL_FILE
-from .._run_dir import STEP_DIR as _STEP_DIR
-from .._run_dir import final_checkpoint as final_checkpoint
+from ..atomic import FULL_BELOW_BYTES, NO_SPACE, fsync_dir
+from ..atomic import write_json_atomic as write_json_atomic  # fsynced, then renamed: readers never see half a file
 from ..model import GeneformerForMaskedLM, ModelConfig
 from ..model.te_names import EXTRA_STATE_SUFFIX
+
+# The run-directory names that the report reads too live in the torch-free _run_dir; re-exported here.
+from ..run_dir import CHECKPOINTS, CheckpointError, read_json
+from ..run_dir import FINAL_FILE as FINAL_FILE
+from ..run_dir import STEP_DIR as _STEP_DIR
+from ..run_dir import final_checkpoint as final_checkpoint
+from .backends import BACKENDS, Backend
 from .distributed import Runtime, barrier
 from .fp8_state import Fp8ScalingState
 
@@ -122,18 +122,16 @@ class AppState(Stateful):
         scheduler: Any,
         state: TrainState,
         *,
-        backend: str,
+        backend: Backend | str,
         fp8: Fp8ScalingState | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
-        self.backend, self.fp8 = backend, fp8
+        self.backend = BACKENDS[backend] if isinstance(backend, str) else backend
+        self.fp8 = fp8
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer, scheduler and counters (and the FP8 scaling state)."""
-        if self.backend == "mfsdp":
-            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
-        else:
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = self.backend.get_state(self.model, self.optimizer)
         state = {
             "model": without_extra_state(model_state),
             "optim": optim_state,
@@ -146,17 +144,7 @@ class AppState(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore in place."""
-        if self.backend == "mfsdp":
-            result = self.model.load_state_dict(state_dict["model"], strict=False)
-            self.optimizer.load_state_dict(state_dict["optim"])
-        else:
-            result = set_state_dict(
-                self.model,
-                self.optimizer,
-                model_state_dict=state_dict["model"],
-                optim_state_dict=state_dict["optim"],
-                options=StateDictOptions(strict=False),
-            )
+        result = self.backend.set_state(self.model, self.optimizer, state_dict["model"], state_dict["optim"])
         check_loaded_keys(list(result.missing_keys), list(result.unexpected_keys))
         self.scheduler.load_state_dict(state_dict["scheduler"])
         for key, value in state_dict["trainer"].items():
@@ -352,7 +340,8 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     DCP reads without a process group here, and reassembles the shards of all ranks.
     """
     meta = check_complete(path)
-    prefix = "module." if meta.get("backend") == "mfsdp" else ""  # megatron-fsdp's wrapper prefixes its keys
+    backend = BACKENDS.get(str(meta.get("backend")))
+    prefix = backend.weight_prefix if backend is not None else ""  # megatron-fsdp's wrapper prefixes its keys
     state = {prefix + key: value for key, value in without_extra_state(model.state_dict()).items()}
     try:
         with _single_process_ok():

@@ -19,6 +19,7 @@ outside, on purpose, so that runs share a training store built from ``data.corpu
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,11 +29,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from ..tokenize.vocab import TOKENIZER_CONFIG
+from .backends import BACKEND_CHOICES, BACKENDS, single_process_error
 from .checkpoint import META_FILE, CheckpointError, latest_checkpoint, read_json
 from .data import DataSettings
 from .distributed import DistributedConfig
 from .optim import SCHEDULES
-from .parallel import BACKENDS, PRECISIONS
+from .parallel import PRECISIONS
 
 # <repo>/workflow/scripts/geneformer_workflow/train/config.py -> <repo>/config/train
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[4] / "config" / "train"
@@ -59,9 +62,9 @@ def compose_config(
     """Compose ``<config_dir>/<config_name>.yaml`` with Hydra ``key=value`` overrides.
 
     Example:
-        >>> cfg = compose_config("sanity", ["run_dir=/tmp/run", "data.corpus=[a.parquet]", "data.vocab_dir=v"])
-        >>> cfg.model.num_hidden_layers, cfg.data.max_length
-        (2, 2048)
+        >>> cfg = compose_config("sanity", ["run_dir=/tmp/run", "data.corpus=[a.parquet]", "data.max_length=2048"])
+        >>> cfg.model.num_hidden_layers, cfg.data.max_length, cfg.model.max_position_embeddings
+        (2, 2048, 2048)
     """
     directory = Path(config_dir) if config_dir is not None else DEFAULT_CONFIG_DIR
     if not (directory / f"{config_name}.yaml").is_file():
@@ -69,7 +72,27 @@ def compose_config(
         msg = f"no training config {config_name!r} in {directory}; pass --config-dir, or one of {available}"
         raise ValueError(msg)
     with initialize_config_dir(config_dir=str(directory.resolve()), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    resolve_max_length(cfg)
+    return cfg
+
+
+def resolve_max_length(cfg: DictConfig) -> None:
+    """``data.max_length: null`` (the default) becomes the vocabulary's ``model_max_length``.
+
+    The vocabulary directory records its preset's length in ``tokenizer_config.json`` (``gfw vocab``), so the
+    tokens per cell have one home. Left null when the directory is unset or has no such file:
+    :func:`validate_config` then names the fix.
+    """
+    if OmegaConf.select(cfg, "data.max_length") is not None or OmegaConf.is_missing(cfg.data, "vocab_dir"):
+        return
+    path = Path(str(cfg.data.vocab_dir)) / TOKENIZER_CONFIG
+    try:
+        value = json.loads(path.read_text()).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        cfg.data.max_length = value
 
 
 def _positive(cfg: DictConfig, key: str) -> None:
@@ -89,11 +112,12 @@ def validate_config(cfg: DictConfig) -> None:
     if missing:
         msg = f"mandatory config keys are unset: {missing}; pass them as overrides, e.g. {missing[0]}=..."
         raise ValueError(msg)
-    for key in ("data.max_length", "data.micro_batch_size", "data.eval_micro_batch_size", "data.window_batches",
+    keys = ("data.max_length",) if cfg.data.max_length is not None else ()  # null: checked last
+    for key in (*keys, "data.micro_batch_size", "data.eval_micro_batch_size", "data.window_batches",
                 "data.pad_to_multiple_of", "training.max_steps", "training.grad_accum_steps", "logging.log_every",
                 "checkpoint.save_every"):  # fmt: skip
         _positive(cfg, key)
-    if cfg.model.max_position_embeddings < cfg.data.max_length:
+    if cfg.data.max_length is not None and cfg.model.max_position_embeddings < cfg.data.max_length:
         msg = (
             f"model.max_position_embeddings={cfg.model.max_position_embeddings} is smaller than "
             f"data.max_length={cfg.data.max_length}; raise model.max_position_embeddings or lower data.max_length"
@@ -126,11 +150,19 @@ def validate_config(cfg: DictConfig) -> None:
         )
         raise ValueError(msg)
 
+    if cfg.data.max_length is None:
+        path = Path(str(cfg.data.vocab_dir)) / TOKENIZER_CONFIG
+        msg = (
+            f"data.max_length is null (= the vocabulary's model_max_length) but {path} does not give one; set "
+            "data.max_length (Geneformer v1: 2048, v2: 4096) or point data.vocab_dir at a `gfw vocab` directory"
+        )
+        raise ValueError(msg)
+
 
 def _check_choices(cfg: DictConfig) -> None:
     """Keys with a fixed set of values (checked here too, so that a typo fails before the data is read)."""
     choices = {
-        "backend.name": BACKENDS,
+        "backend.name": BACKEND_CHOICES,
         "training.device": DEVICES,
         "training.precision": PRECISIONS,
         "scheduler.name": SCHEDULES,
@@ -197,11 +229,12 @@ def _check_masking(cfg: DictConfig) -> None:
 
 def _check_gpu_features(cfg: DictConfig, reason: str) -> None:
     """Refuse what only runs on CUDA GPUs when the run trains on CPU; ``reason`` says why it does."""
+    backend = BACKENDS.get(cfg.backend.name)
     features = [
         (cfg.fp8.enabled, "fp8.enabled=true", "needs CUDA + Transformer Engine (FP8 GEMMs)", "fp8.enabled=false"),
         (cfg.model.use_te, "model.use_te=true", "needs CUDA + Transformer Engine", "model.use_te=false"),
-        (cfg.backend.name == "mfsdp", "backend.name=mfsdp", "needs CUDA GPUs (megatron-fsdp calls torch.cuda)",
-         "backend.name=fsdp2"),
+        (bool(backend and backend.needs_cuda), f"backend.name={cfg.backend.name}",
+         backend and backend.needs_cuda, "backend.name=fsdp2"),
         (cfg.training.precision == "bf16", "training.precision=bf16", "needs a CUDA device",
          "training.precision=auto"),
     ]  # fmt: skip
@@ -241,8 +274,9 @@ def check_environment(
             "process per GPU (torchrun --nproc_per_node), or set training.device=cpu"
         )
         raise ValueError(msg)
-    if cfg.backend.name == "none" and dist.world_size > 1:
-        msg = f"backend.name=none cannot train with WORLD_SIZE={dist.world_size}; use auto, fsdp2 or ddp"
+    backend = BACKENDS.get(cfg.backend.name)
+    if backend is not None and not backend.multi_process and dist.world_size > 1:
+        msg = single_process_error(cfg.backend.name, dist.world_size)
         raise ValueError(msg)
     _check_resume_batch(cfg, dist.world_size)
 

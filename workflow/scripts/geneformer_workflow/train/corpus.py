@@ -1,7 +1,7 @@
 """``data.corpus`` for command-line runs: parquet files → a training store under ``data.cache_dir``.
 
 The workflow builds the training store with its own CPU jobs and passes ``data.store``
-(:mod:`geneformer_workflow.store`). A run given ``data.corpus`` instead (parquet files, ``dataset.json``
+(:mod:`geneformer_workflow.tokenize.store`). A run given ``data.corpus`` instead (parquet files, ``dataset.json``
 indexes, directories, globs) builds the same kind of store itself, one part per file, under
 ``data.cache_dir/<fingerprint>/``, before its first step. The fingerprint covers each file's absolute path,
 size and modification time, the split values and the vocabulary size, so a changed corpus gets a new store;
@@ -24,10 +24,10 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .._atomic import fsync_dir, fsync_tree, pid_alive
-from .._io import InputError
-from ..corpus_index import resolve_corpus_inputs
-from ..store import INDEX_NAME, STORE_FORMAT, SplitValues, build_store, content_sha256
+from ..atomic import fsync_dir, fsync_tree, pid_alive
+from ..tokenize.corpus_index import resolve_corpus_inputs
+from ..tokenize.h5ad import InputError
+from ..tokenize.store import INDEX_NAME, STORE_FORMAT, SplitValues, build_store, content_sha256
 from .checkpoint import describe_write_error
 
 __all__ = ["CacheWriteError", "build_cache", "content_sha256", "corpus_fingerprint", "resolve_corpus_files"]
@@ -47,7 +47,7 @@ def resolve_corpus_files(spec: str | list[str] | tuple[str, ...]) -> list[Path]:
 
     Entries may be parquet files, ``dataset.json`` indexes (``gfw index``) or directories holding one (exactly
     the shards listed), other directories or globs (their ``*.parquet`` files, sorted); see
-    :func:`~geneformer_workflow.corpus_index.resolve_corpus_inputs`.
+    :func:`~geneformer_workflow.tokenize.corpus_index.resolve_corpus_inputs`.
     """
     entries = [spec] if isinstance(spec, str) else list(spec)
     try:
@@ -124,7 +124,7 @@ def build_cache(
         token_dictionary_sha256: The vocabulary's checksum, recorded in the store.
 
     Returns:
-        The complete store directory (open it with :func:`geneformer_workflow.store.open_store`).
+        The complete store directory (open it with :func:`geneformer_workflow.tokenize.store.open_store`).
 
     Raises:
         CacheWriteError: when the store cannot be written; its temporary directory is removed.

@@ -1,7 +1,7 @@
 """The training data pipeline, from parquet files to masked micro-batches.
 
 1. Open the training store (``data.store``: built by the workflow or ``gfw store build``, see
-   :mod:`geneformer_workflow.store`), or build one from ``data.corpus`` parquet files under
+   :mod:`geneformer_workflow.tokenize.store`), or build one from ``data.corpus`` parquet files under
    ``data.cache_dir`` first (:mod:`.corpus`; rank 0 writes it, other nodes that cannot see it write their own).
 2. Plan each epoch's global batches with a seeded shuffle and length grouping, one window at a
    time, and split them into per-rank micro-batches (:mod:`.sampler`); step ``s`` always maps to the same cells.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import SplitValues, StoreSplit, TrainingStore, open_store
+from ..tokenize.store import SplitValues, StoreSplit, TrainingStore, open_store
 from .collate import Batch, Collator
 from .corpus import build_cache, resolve_corpus_files
 from .distributed import Runtime, barrier
@@ -95,7 +95,7 @@ class TrainingData:
 
     @property
     def content_sha256(self) -> str:
-        """The identity of the training data: a checksum over both splits' cells (see :mod:`..store`)."""
+        """The identity of the training data: a checksum over both splits' cells (see :mod:`..tokenize.store`)."""
         return self.store.content_sha256
 
     def train_micro_batches(self, step: int, rank: int) -> tuple[int, list[Batch]]:

@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from .._atomic import write_text_atomic
-from .._run_dir import METRICS_FILE as METRICS_FILE
-from .._run_dir import read_jsonl
+from ..atomic import write_text_atomic
+from ..run_dir import METRICS_FILE as METRICS_FILE
+from ..run_dir import read_jsonl
 from .distributed import Runtime
 
 log = logging.getLogger(__name__)

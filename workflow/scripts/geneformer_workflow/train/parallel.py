@@ -1,4 +1,5 @@
-"""Wrapping the model for data parallelism: one function per backend, with parallel names.
+"""Wrapping the model for data parallelism: one function per backend, with parallel names (the records that
+use them: :mod:`.backends`).
 
 =========  ======================================  ==========================================
 backend    function                                where it runs
@@ -12,9 +13,8 @@ mfsdp      :func:`wrap_model_mfsdp`                NCCL only (megatron-fsdp call
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,21 +25,7 @@ from .distributed import Runtime
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "none", "ddp", "fsdp2", "mfsdp")
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def resolve_backend(name: str, runtime: Runtime) -> str:
-    """``auto`` → ``fsdp2`` for several processes, ``none`` for one; check the others fit the job."""
-    if name not in BACKENDS:
-        msg = f"backend.name={name!r} is not one of {', '.join(BACKENDS)}"
-        raise ValueError(msg)
-    if name == "auto":
-        return "fsdp2" if runtime.dist.is_distributed else "none"
-    if name == "none" and runtime.dist.is_distributed:
-        msg = f"backend.name=none cannot train with WORLD_SIZE={runtime.dist.world_size}; use auto, fsdp2 or ddp"
-        raise ValueError(msg)
-    return name
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
@@ -188,30 +174,3 @@ def shard_with_megatron_fsdp(
 def unwrap(model: nn.Module) -> nn.Module:
     """The user model inside a DDP or megatron-fsdp wrapper (FSDP2 wraps in place)."""
     return getattr(model, "module", model)
-
-
-@contextlib.contextmanager
-def gradient_sync(model: nn.Module, backend: str, *, sync: bool) -> Iterator[None]:
-    """Skip DDP's all-reduce on accumulation steps that are not the last one.
-
-    FSDP2 reduce-scatters every micro-batch and accumulates sharded gradients, which keeps
-    memory low; megatron-fsdp handles accumulation itself.
-    """
-    if backend == "ddp" and not sync:
-        with model.no_sync():
-            yield
-    else:
-        yield
-
-
-def autocast_context(
-    backend: str, device: torch.device, compute_dtype: torch.dtype
-) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU for every backend but FSDP2, whose ``MixedPrecisionPolicy`` casts the parameters.
-
-    megatron-fsdp 0.6.1's ``MixedPrecisionPolicy`` only sets the main-weight and gradient dtypes: it computes in
-    the dtype of the model's own parameters (fp32 here), so bf16 compute needs autocast there too.
-    """
-    if compute_dtype == torch.float32 or backend == "fsdp2":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=compute_dtype)

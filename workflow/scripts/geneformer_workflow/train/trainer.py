@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import write_text_atomic
 from ..model import (
     TORCH_PRIMITIVES,
     GeneformerForMaskedLM,
@@ -32,6 +33,8 @@ from ..model import (
     resolve_fp8_recipe,
     te_primitives,
 )
+from ..run_dir import CONFIG_FILE
+from .backends import ModelBuild, resolve_backend
 from .checkpoint import (
     FINAL_FILE,
     AppState,
@@ -53,16 +56,7 @@ from .init_from import init_from
 from .masking import IGNORE_INDEX
 from .metrics import MetricsLogger, memory_metrics, model_flops, peak_flops, throughput_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
-from .parallel import (
-    autocast_context,
-    gradient_sync,
-    load_full_from_rank0,
-    resolve_backend,
-    resolve_precision,
-    wrap_model_ddp,
-    wrap_model_fsdp2,
-    wrap_model_mfsdp,
-)
+from .parallel import resolve_precision
 from .prefetch import BatchPrefetcher
 from .profiling import StepProfiler
 from .sampler import DATA_ORDER_VERSION, BatchLayout
@@ -167,25 +161,16 @@ class Trainer:
             "weight_decay": float(self.cfg.optimizer.weight_decay),
             "adamw_kwargs": to_container(self.cfg.optimizer.adamw_kwargs),
         }
-        if self.backend == "fsdp2":
-            # Rank 0 builds the full model; the others build it on the meta device and receive their shards.
-            full = self._initial_model(prims) if self.runtime.dist.is_main else None
-            with torch.device("meta"):
-                model = GeneformerForMaskedLM(self.model_config, prims)
-            kwargs = to_container(self.cfg.backend.fully_shard_kwargs)
-            model = wrap_model_fsdp2(model, self.runtime, compute_dtype=self.compute_dtype, fully_shard_kwargs=kwargs)
-            load_full_from_rank0(model, full, self.runtime)
-            return model, build_optimizer(model, **opt_kwargs)
-        model = self._initial_model(prims)
-        if self.backend == "mfsdp":  # megatron-fsdp shards the model, then the optimizer built over its shards
-            kwargs = to_container(self.cfg.backend.mfsdp_kwargs)
-            optimizer_over = functools.partial(build_optimizer, **opt_kwargs)
-            return wrap_model_mfsdp(model, optimizer_over, self.runtime, fully_shard_kwargs=kwargs)
-        if self.backend == "ddp":
-            model = wrap_model_ddp(model, self.runtime)
-        else:
-            model = model.to(self.runtime.device)
-        return model, build_optimizer(model, **opt_kwargs)
+        key = self.backend.kwargs_key
+        build = ModelBuild(
+            initial_model=functools.partial(self._initial_model, prims),
+            empty_model=functools.partial(GeneformerForMaskedLM, self.model_config, prims),
+            build_optimizer=functools.partial(build_optimizer, **opt_kwargs),
+            runtime=self.runtime,
+            compute_dtype=self.compute_dtype,
+            kwargs=to_container(self.cfg.backend[key]) if key else {},
+        )
+        return self.backend.build(build)
 
     def _peak_flops(self) -> float | None:
         """Peak FLOP/s of one device for ``train/mfu`` (warns once on a GPU whose peak is unknown)."""
@@ -198,6 +183,7 @@ class Trainer:
     def train(self) -> float:
         """Resume if possible, train to ``max_steps``, validate, checkpoint; returns the last train loss."""
         self._resume()
+        self._write_run_config()
         self.metrics = self._start_metrics()
         self._reset_interval()  # the first train/step_time excludes start-up
         log_every, eval_every = int(self.cfg.logging.log_every), int(self.cfg.logging.eval_every)
@@ -235,7 +221,7 @@ class Trainer:
         scale = self.runtime.dist.world_size / max(masked, 1.0)  # undo the ranks' gradient averaging
         for i, batch in enumerate(batches):
             batch = batch.to(self.runtime.device)
-            with gradient_sync(self.model, self.backend, sync=i == len(batches) - 1):
+            with self.backend.gradient_sync(self.model, sync=i == len(batches) - 1):
                 out = self._forward(batch)
                 ce_sum = out.loss * out.num_masked  # the model's loss is the mean over this micro-batch
                 (ce_sum * scale).backward()
@@ -260,7 +246,7 @@ class Trainer:
         fp8 = fp8_autocast_context(
             self.fp8_recipe is not None, self.fp8_recipe, self.runtime.device, amax_reduction_group=amax_group
         )
-        with autocast_context(self.backend, self.runtime.device, self.compute_dtype), fp8:
+        with self.backend.autocast(self.runtime.device, self.compute_dtype), fp8:
             return self.model(batch.input_ids, batch.attention_mask, batch.labels, packed=batch.packed)
 
     def _batch_flops(self, batch: Batch) -> float:
@@ -369,7 +355,7 @@ class Trainer:
             "grad_accum_steps": self.layout.grad_accum,
             "world_size": self.runtime.dist.world_size,
             "seed": self.seed,
-            "backend": self.backend,
+            "backend": self.backend.name,
             "vocab_dir": str(Path(self.cfg.data.vocab_dir).resolve()),
             "token_dictionary_sha256": self.vocab.sha256,
             "corpus_sha256": self.data.content_sha256,
@@ -490,6 +476,15 @@ class Trainer:
             }
             write_json_atomic(self.run_dir / FINAL_FILE, payload)
         barrier(self.runtime)
+
+    def _write_run_config(self) -> None:
+        """``run_dir/config.yaml``: the resolved config of this start of the run (the report shows this file).
+
+        Written after the resume checks, so a refused resume leaves the file of the run it refused to continue.
+        """
+        if self.runtime.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
 
     def _start_metrics(self) -> MetricsLogger:
         return MetricsLogger(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..presets import CLS, EOS, MASK, PAD
-from ..vocab import SPECIAL_TOKENS, TOKEN_DICTIONARY, token_dictionary_sha256
+from ..tokenize.vocab import SPECIAL_TOKENS, TOKEN_DICTIONARY, token_dictionary_sha256
 
 
 @dataclass(frozen=True)

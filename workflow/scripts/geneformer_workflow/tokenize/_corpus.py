@@ -18,19 +18,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from geneformer_workflow._arrow import numeric, strings
-from geneformer_workflow._gene_ranker import GeneRanker
-from geneformer_workflow._h5frame import ColumnParts
-from geneformer_workflow._io import H5adCounts, InputError, RawChunk
-from geneformer_workflow._parquet import DEFAULT_ENCODING, ParquetSink
-from geneformer_workflow.corpus_index import WRITE_ID_KEY
 from geneformer_workflow.presets import CLS, EOS, Preset
 from geneformer_workflow.progress import Progress
+from geneformer_workflow.tokenize._arrow import numeric, strings
+from geneformer_workflow.tokenize._gene_ranker import GeneRanker
+from geneformer_workflow.tokenize._h5frame import ColumnParts
+from geneformer_workflow.tokenize._parquet import DEFAULT_ENCODING, ParquetSink
+from geneformer_workflow.tokenize.corpus_index import WRITE_ID_KEY
+from geneformer_workflow.tokenize.h5ad import H5adCounts, InputError, RawChunk
 
 log = logging.getLogger(__name__)
 
 _SPLITS = strings(["train", "validation"])
-CORPUS_COLUMNS = ("input_ids", "length", "cell_id", "split")  # obs columns kept beside them need other names
 
 
 class TokenBuffers:

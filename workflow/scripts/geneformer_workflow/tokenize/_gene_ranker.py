@@ -1,7 +1,7 @@
 """Per-file gene state for tokenizing: file columns → vocabulary genes and ``1 / median``, and a chunk's ranking.
 
 Local gene indices follow ascending token id. The per-column tables (token id, ``1 / median``) let the
-ranking kernel (:mod:`geneformer_workflow._ranking`) work on the file's own column indices; only a file
+ranking kernel (:mod:`geneformer_workflow.tokenize._ranking`) work on the file's own column indices; only a file
 with duplicate gene ids first sums its columns (a sparse product).
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geneformer_workflow._genes import collapse_matrix, positions
-from geneformer_workflow._io import RawChunk
-from geneformer_workflow._ranking import rank_rows
+from geneformer_workflow.tokenize._ranking import rank_rows
+from geneformer_workflow.tokenize.genes import collapse_matrix, positions
+from geneformer_workflow.tokenize.h5ad import RawChunk
 
 
 class GeneRanker:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from geneformer_workflow._pickle import load_plain_pickle
+from geneformer_workflow.tokenize._pickle import load_plain_pickle
 
 if TYPE_CHECKING:
     import scipy.sparse as sp

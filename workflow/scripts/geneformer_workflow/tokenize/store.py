@@ -15,8 +15,9 @@ validation cells going to their two regions of the token file, so the validation
 Rows whose ``split`` is neither value belong to no split; a shard without a ``split`` column is all train.
 
 Every path in the index is relative to the index's directory and nothing records a time or a host, so a
-store can be moved or copied with its directory. The workflow builds it with one ``store_shard`` job per
-shard and a ``store_index`` job (``workflow/rules/store.smk``); ``gfw store build`` builds one from any corpus.
+store can be moved or copied with its directory. The workflow writes each shard's part in the shard's
+``tokenize_dataset`` job and the index in a ``store_index`` job (``workflow/rules/store.smk``); ``gfw store build``
+builds one from any corpus.
 The trainer only opens it (:func:`open_store`), checking that every part is there with its recorded size.
 
 Identity: each split of each part has a SHA-256 of its cells (:func:`content_sha256`: int64 offsets from 0,
@@ -35,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import atomic_files
-from ._io import InputError
-from .corpus_index import read_json_input
+from geneformer_workflow.atomic import atomic_files
+from geneformer_workflow.tokenize.corpus_index import read_json_input
+from geneformer_workflow.tokenize.h5ad import InputError
 
 STORE_FORMAT = 1
 INDEX_NAME = "store.json"
@@ -299,7 +300,7 @@ def write_index(parts: list[Path], index: str | Path, *, overwrite: bool = True)
     entries, manifests = [], []
     for part in parts:
         tokens, offsets, manifest_file = part_paths(part)
-        manifest = read_json_input(manifest_file, "store part manifest (rerun its store_shard job)")
+        manifest = read_json_input(manifest_file, "store part manifest (rerun its tokenize_dataset job)")
         for name, file in (("tokens", tokens), ("offsets", offsets)):
             if not file.is_file() or file.stat().st_size != manifest.get("files", {}).get(name):
                 msg = f"{file}: missing or not the size its manifest {manifest_file.name} records; rebuild the part"

@@ -15,6 +15,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.yaml"  # the resolved training config of the latest start of the run (gfw train)
 FINAL_FILE = "final.json"
 METRICS_FILE = "metrics.jsonl"
 STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -16,12 +16,13 @@ import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from geneformer_workflow._atomic import atomic_path
-from geneformer_workflow._io import InputError
-from geneformer_workflow._pickle import load_plain_pickle
+from geneformer_workflow.atomic import atomic_path
 from geneformer_workflow.presets import CLS, EOS, MASK, PAD, Preset
+from geneformer_workflow.tokenize._pickle import load_plain_pickle
+from geneformer_workflow.tokenize.h5ad import InputError
 
 TOKEN_DICTIONARY = "token_dictionary.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # records model_max_length: the preset's tokens per cell
 GENEFORMER_TOKEN_DICTIONARY = "token_dictionary.pkl"
 GENEFORMER_GENE_MEDIANS = "gene_median_dictionary.pkl"
 SPECIAL_TOKENS = (PAD, MASK, CLS, EOS)
@@ -47,7 +48,7 @@ def load_token_dictionary(path: str | Path) -> dict[str, int]:
         InputError: the file is missing, is not a JSON object (or pickled dict) of integer token ids, or
             fails :func:`check_token_dictionary`.
     """
-    from geneformer_workflow._genes import read_json_object
+    from geneformer_workflow.tokenize.genes import read_json_object
 
     path = Path(path)
     if path.is_dir():
@@ -209,7 +210,7 @@ def hf_tokenizer_files(tokens: dict[str, int], *, max_length: int) -> dict[str, 
     }
     return {
         "tokenizer.json": json.dumps(_tokenizers_json(tokens), indent=1) + "\n",
-        "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        TOKENIZER_CONFIG: json.dumps(config, indent=2) + "\n",
         "special_tokens_map.json": json.dumps(specials, indent=2) + "\n",
         "vocab.txt": "\n".join(ordered) + "\n",
     }

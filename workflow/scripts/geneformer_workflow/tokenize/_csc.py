@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from geneformer_workflow._chunk_checks import MatrixDefect, readable_dtype
+from geneformer_workflow.tokenize._chunk_checks import MatrixDefect, readable_dtype
 
 if TYPE_CHECKING:
     import scipy.sparse as sp

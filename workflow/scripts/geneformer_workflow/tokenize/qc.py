@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geneformer_workflow._atomic import atomic_files, check_outputs
-from geneformer_workflow._cells import filter_pass
-from geneformer_workflow._genes import normalize_gene_ids
-from geneformer_workflow._io import H5adCounts
+from geneformer_workflow.atomic import atomic_files, check_outputs
 from geneformer_workflow.progress import Progress
+from geneformer_workflow.tokenize._cells import filter_pass
+from geneformer_workflow.tokenize.genes import normalize_gene_ids
+from geneformer_workflow.tokenize.h5ad import H5adCounts
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._io import InputError
+from geneformer_workflow.tokenize.h5ad import InputError
 
 __all__ = ["SPLITS", "HFDatasetStats", "cli_main", "write_hf_dataset"]
 
@@ -93,8 +93,8 @@ def write_hf_dataset(
     """
     import datasets
 
-    from ._atomic import atomic_path, check_outputs
-    from .corpus_index import resolve_corpus_inputs
+    from geneformer_workflow.atomic import atomic_path, check_outputs
+    from geneformer_workflow.tokenize.corpus_index import resolve_corpus_inputs
 
     if split not in SPLITS or token_dtype not in TOKEN_DTYPES:
         msg = f"split {split!r}, token_dtype {token_dtype!r}: choose from {SPLITS} and {tuple(TOKEN_DTYPES)}"
@@ -144,7 +144,7 @@ def _target_schema(schema: pa.Schema, token_type: pa.DataType) -> pa.Schema:
 
 def _check_shards(shards: list[Path], *, split: str, token_type: pa.DataType) -> tuple[pa.Schema, int | None]:
     """The common output schema of the shards, and the rows of ``split`` their manifests count (None: unknown)."""
-    from .corpus_index import verify_shard
+    from geneformer_workflow.tokenize.corpus_index import verify_shard
 
     if not shards:
         msg = "no corpus shards to read"

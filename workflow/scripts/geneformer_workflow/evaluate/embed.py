@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .model import GeneformerForMaskedLM, load_hf_directory
-from .vocab import SPECIAL_TOKENS, TOKEN_DICTIONARY
+from ..model import GeneformerForMaskedLM, load_hf_directory
+from ..tokenize.vocab import SPECIAL_TOKENS, TOKEN_DICTIONARY
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -204,8 +204,8 @@ def embed_corpus(
     """
     import anndata as ad
 
-    from ._atomic import atomic_path, check_outputs
-    from .corpus_index import resolve_corpus_inputs
+    from ..atomic import atomic_path, check_outputs
+    from ..tokenize.corpus_index import resolve_corpus_inputs
 
     shards = resolve_corpus_inputs(list(corpus))
     inputs = [model_dir, token_dictionary, *corpus, *shards]
@@ -264,15 +264,15 @@ def _load_tokens(model_dir: Path, token_dictionary: str | Path | None) -> dict[s
             "pass --token-dictionary (e.g. Geneformer's token_dictionary pickle for a public checkpoint)"
         )
         raise ValueError(msg)
-    from .vocab import load_token_dictionary
+    from ..tokenize.vocab import load_token_dictionary
 
     return load_token_dictionary(path)
 
 
 def _check_vocabulary(path: Path, tokens: dict[str, int]) -> None:
     """Compare the shard manifest's dictionary checksum (when there is one) with the model's dictionary."""
-    from .corpus_index import manifest_path, verify_shard
-    from .vocab import token_dictionary_sha256
+    from ..tokenize.corpus_index import manifest_path, verify_shard
+    from ..tokenize.vocab import token_dictionary_sha256
 
     manifest = verify_shard(path)  # None: a parquet file that `gfw tokenize` did not write, taken as it is
     expected = (manifest or {}).get("token_dictionary_sha256")
@@ -455,7 +455,7 @@ def cli_main(argv: list[str]) -> int:
     settings = EmbeddingSettings(
         layer=layer, batch_size=args.batch_size, chunk_cells=args.chunk_cells, device=args.device
     )
-    from ._io import InputError
+    from ..tokenize.h5ad import InputError
 
     try:
         adata = embed_corpus(

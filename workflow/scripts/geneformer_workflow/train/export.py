@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._atomic import OutputError, check_outputs
-from .model import save_hf_state_dict
-from .train.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
+from ..atomic import OutputError, check_outputs
+from ..model import save_hf_state_dict
+from .checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
 
 __all__ = ["cli_main", "export_checkpoint", "load_checkpoint_model", "resolve_checkpoint"]
 

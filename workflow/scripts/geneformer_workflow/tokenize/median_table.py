@@ -1,6 +1,6 @@
 """Read a gene median table, ours (TSV) or Geneformer's pickled dict, into a plain ``{gene: median}`` dict.
 
-Kept apart from :mod:`geneformer_workflow.medians` (which computes medians with pandas and scipy) so
+Kept apart from :mod:`geneformer_workflow.tokenize.medians` (which computes medians with pandas and scipy) so
 that ``gfw tokenize`` starts without importing either.
 """
 
@@ -10,8 +10,8 @@ import csv
 import math
 from pathlib import Path
 
-from geneformer_workflow._io import InputError
-from geneformer_workflow._pickle import load_plain_pickle
+from geneformer_workflow.tokenize._pickle import load_plain_pickle
+from geneformer_workflow.tokenize.h5ad import InputError
 
 REQUIRED_COLUMNS = ("ensembl_id", "median")
 

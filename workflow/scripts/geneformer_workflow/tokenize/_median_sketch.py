@@ -1,4 +1,4 @@
-"""The per-gene sketch behind :class:`geneformer_workflow.medians.ExpressionSummary`.
+"""The per-gene sketch behind :class:`geneformer_workflow.tokenize.medians.ExpressionSummary`.
 
 A gene's normalised values are kept exactly while the gene is detected in at most ``max_exact`` cells,
 and counted in a histogram of 1%-wide log bins beyond. :class:`Accumulator` builds that state from raw

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from geneformer_workflow._atomic import atomic_files
-from geneformer_workflow._genes import read_json_object
-from geneformer_workflow._io import InputError
+from geneformer_workflow.atomic import atomic_files
+from geneformer_workflow.tokenize.genes import read_json_object
+from geneformer_workflow.tokenize.h5ad import InputError
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,10 @@ def read_dataset_index(path: str | Path) -> DatasetIndex:
 def resolve_corpus_inputs(entries: list[str | Path], *, unindexed: bool = False) -> list[Path]:
     """The parquet files of a corpus given as parquet files, ``dataset.json`` indexes or directories holding one.
 
-    An index (or a directory holding one) gives exactly the shards it lists, each checked complete
+    A ``.txt`` file lists more entries, one per line, relative to its own directory (the workflow writes
+    ``results/tokenized/datasets.txt``: the indexes of exactly the datasets of its ``inputs``, unlike a glob, which
+    also matches datasets removed from them). An index (or a directory holding one) gives exactly the shards it
+    lists, each checked complete
     (:func:`verify_shard`); so is every parquet file given by name. With ``unindexed`` (training's
     ``data.corpus``, which also takes users' own parquet folders), a directory without an index reads all its
     ``*.parquet`` files (with a warning: stale shards would be read too) and a glob pattern its matches, both in
@@ -264,6 +267,9 @@ def resolve_corpus_inputs(entries: list[str | Path], *, unindexed: bool = False)
     """
     files: list[Path] = []
     for entry in map(Path, entries):
+        if entry.is_file() and entry.suffix == ".txt":
+            files.extend(resolve_corpus_inputs(read_corpus_list(entry), unindexed=unindexed))
+            continue
         if (entry.is_dir() and (entry / INDEX_NAME).is_file()) or (entry.is_file() and entry.suffix == ".json"):
             files.extend(read_dataset_index(entry).shards)
             continue
@@ -291,3 +297,19 @@ def resolve_corpus_inputs(entries: list[str | Path], *, unindexed: bool = False)
             verify_shard(file)
         files.extend(found)
     return list(dict.fromkeys(files))
+
+
+def read_corpus_list(path: Path) -> list[Path]:
+    """The entries a ``.txt`` corpus list names, one per line (blank lines skipped), relative to its directory.
+
+    Raises:
+        InputError: an empty list, or a list that names itself.
+    """
+    entries = [path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        msg = f"{path}: the corpus list names no dataset index or corpus file (one path per line)"
+        raise InputError(msg)
+    if any(entry.resolve() == path.resolve() for entry in entries):
+        msg = f"{path}: the corpus list names itself"
+        raise InputError(msg)
+    return entries

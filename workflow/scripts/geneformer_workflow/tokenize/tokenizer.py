@@ -24,16 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from geneformer_workflow._atomic import atomic_files, check_outputs
-from geneformer_workflow._cells import cells_to_keep, load_cell_filter, require_some_cells
-from geneformer_workflow._corpus import CORPUS_COLUMNS, ChunkCounts, CorpusWriter, validation_mask
-from geneformer_workflow._gene_ranker import GeneRanker
-from geneformer_workflow._genes import map_gene_ids, normalize_gene_ids, report_duplicates
-from geneformer_workflow._io import H5adCounts, InputError
-from geneformer_workflow._parquet import DEFAULT_ENCODING
-from geneformer_workflow.corpus_index import CorpusPaths
-from geneformer_workflow.presets import CLS, EOS, Preset
-from geneformer_workflow.vocab import token_dictionary_sha256
+from geneformer_workflow.atomic import atomic_files, check_outputs
+from geneformer_workflow.presets import CLS, CORPUS_COLUMNS, EOS, Preset
+from geneformer_workflow.tokenize._cells import cells_to_keep, load_cell_filter, require_some_cells
+from geneformer_workflow.tokenize._corpus import ChunkCounts, CorpusWriter, validation_mask
+from geneformer_workflow.tokenize._gene_ranker import GeneRanker
+from geneformer_workflow.tokenize._parquet import DEFAULT_ENCODING
+from geneformer_workflow.tokenize.corpus_index import CorpusPaths
+from geneformer_workflow.tokenize.genes import map_gene_ids, normalize_gene_ids, report_duplicates
+from geneformer_workflow.tokenize.h5ad import H5adCounts, InputError
+from geneformer_workflow.tokenize.vocab import token_dictionary_sha256
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from geneformer_workflow._atomic import atomic_path
-from geneformer_workflow._cells import cells_to_keep, load_cell_filter, require_some_cells
-from geneformer_workflow._genes import collapse_matrix, map_gene_ids, normalize_gene_ids, positions, report_duplicates
-from geneformer_workflow._io import H5adCounts, InputError
-from geneformer_workflow._median_sketch import (
+from geneformer_workflow.atomic import atomic_path
+from geneformer_workflow.progress import Progress
+from geneformer_workflow.tokenize._cells import cells_to_keep, load_cell_filter, require_some_cells
+from geneformer_workflow.tokenize._median_sketch import (
     BIN_RATIO,
     N_BINS,
     Accumulator,
@@ -47,8 +46,15 @@ from geneformer_workflow._median_sketch import (
     gene_starts,
     histogram_median,
 )
-from geneformer_workflow._median_table import read_gene_medians
-from geneformer_workflow.progress import Progress
+from geneformer_workflow.tokenize.genes import (
+    collapse_matrix,
+    map_gene_ids,
+    normalize_gene_ids,
+    positions,
+    report_duplicates,
+)
+from geneformer_workflow.tokenize.h5ad import H5adCounts, InputError
+from geneformer_workflow.tokenize.median_table import read_gene_medians
 
 __all__ = [
     "BIN_RATIO",
@@ -274,7 +280,7 @@ def _check_format(path: str | Path, z: np.lib.npyio.NpzFile) -> None:
             msg = (
                 f"{path}: this expression summary was made by an older version of gfw (histogram only, no exact "
                 "values for rarely detected genes); rerun gfw summarize on its .h5ad file (in the workflow: "
-                "snakemake --forcerun summarize_expression)"
+                "snakemake --forcerun qc_dataset)"
             )
         else:
             msg = f"{path}: not an expression summary from gfw summarize (arrays: {sorted(z.files)})"

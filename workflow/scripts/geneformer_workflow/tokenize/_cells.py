@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from geneformer_workflow._h5frame import ColumnParts
-from geneformer_workflow._io import H5adCounts, InputError
+from geneformer_workflow.tokenize._h5frame import ColumnParts
+from geneformer_workflow.tokenize.h5ad import H5adCounts, InputError
 
 _TRUTH = {"1": True, "0": False, "true": True, "false": False, "1.0": True, "0.0": False}
 

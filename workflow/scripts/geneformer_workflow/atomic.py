@@ -4,8 +4,9 @@ Every output of a command goes through :func:`atomic_path` (one file or director
 (several files that belong together, e.g. a corpus shard and its lengths and manifest):
 
 - **Nothing is destroyed that the command did not create.** Before any work, an output path that is one of the
-  command's inputs (or a directory holding one), an existing directory where a file is written, or an existing
-  output without ``overwrite`` is refused with :class:`OutputError` naming the path and the fix. With
+  command's inputs (or a directory holding one), an existing file or directory inside an input directory (e.g. a
+  vocabulary or model directory, even with ``overwrite``), an existing directory where a file is written, or an
+  existing output without ``overwrite`` is refused with :class:`OutputError` naming the path and the fix. With
   ``overwrite``, a directory output replaces an existing directory only when every name in the old one is also
   written by the new one (a vocabulary directory over an earlier vocabulary, never over a folder of other files).
 - **Outputs appear complete or not at all.** A killed or failed step leaves only a hidden temporary
@@ -72,6 +73,13 @@ def check_outputs(
                 raise OutputError(msg)
         if not (target.exists() or target.is_symlink()):
             continue
+        for source in sources:
+            if source.is_dir() and _inside(target, source):  # e.g. -o VOCAB_DIR/token_dictionary.json --overwrite
+                msg = (
+                    f"{target}: exists inside the input directory {source}, whose files this command reads; "
+                    "choose an output path outside it"
+                )
+                raise OutputError(msg)
         if target.is_dir() and not directory:
             msg = (
                 f"{target}: is a directory, but this output is a file; give a file path "

@@ -2,7 +2,7 @@
 
 Only ``obs`` and the gene ids are loaded whole; the count matrix is read ``chunk_size`` rows at a time
 straight from HDF5, so peak memory is bounded by the chunk, not the file (a CSC matrix, which has no
-row access, is read in bands of rows: :mod:`geneformer_workflow._csc`).
+row access, is read in bands of rows: :mod:`geneformer_workflow.tokenize._csc`).
 
 Two views of a chunk: :class:`CountChunk` (float64 CSR, for QC and medians) and :class:`RawChunk`
 (the file's own arrays in reused buffers, no copy or conversion: the tokenizer's fast path).
@@ -12,7 +12,7 @@ values) and every chunk as it is read (vectorised: ``indptr`` increases, column 
 values are counts), so a damaged or hand-made file ends in an :class:`InputError` naming the file and
 the defect, never in a wrong corpus or another exception. Files written by anndata 0.6 and older are
 read as anndata reads them (``h5sparse_format``/``h5sparse_shape`` matrices, ``raw.X``/``raw.var``,
-compound-dtype ``obs``/``var``: :mod:`geneformer_workflow._h5frame`).
+compound-dtype ``obs``/``var``: :mod:`geneformer_workflow.tokenize._h5frame`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from geneformer_workflow._chunk_checks import (
+from geneformer_workflow.tokenize._chunk_checks import (
     Buffers,
     MatrixDefect,
     counts_low,
@@ -36,9 +36,15 @@ from geneformer_workflow._chunk_checks import (
     readable_dtype,
     to_canonical,
 )
-from geneformer_workflow._csc import csc_row_bands
-from geneformer_workflow._genes import count_ensembl_ids
-from geneformer_workflow._h5frame import ColumnParts, column_names, read_column, read_column_parts, read_dataframe
+from geneformer_workflow.tokenize._csc import csc_row_bands
+from geneformer_workflow.tokenize._h5frame import (
+    ColumnParts,
+    column_names,
+    read_column,
+    read_column_parts,
+    read_dataframe,
+)
+from geneformer_workflow.tokenize.genes import count_ensembl_ids
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -162,7 +168,7 @@ class H5adCounts:
         return read_dataframe(self._obs_group)
 
     def obs_column(self, key: str) -> ColumnParts:
-        """One ``obs`` column, as stored (see :class:`~geneformer_workflow._h5frame.ColumnParts`)."""
+        """One ``obs`` column, as stored (see :class:`~geneformer_workflow.tokenize._h5frame.ColumnParts`)."""
         return read_column_parts(self._obs_group, key)
 
     @cached_property
@@ -277,7 +283,7 @@ class H5adCounts:
                 yield lo, hi, (rows.indptr.astype(np.int64), rows.indices, rows.data)
 
     def _csc_chunks(self, chunk_size: int, start: int, stop: int) -> Iterator[tuple[int, int, tuple[np.ndarray, ...]]]:
-        """The chunks of a CSC matrix, cut from bands of rows (:mod:`geneformer_workflow._csc`)."""
+        """The chunks of a CSC matrix, cut from bands of rows (:mod:`geneformer_workflow.tokenize._csc`)."""
         for first, band in csc_row_bands(self._matrix, (self.n_obs, self.n_vars), start, stop, chunk_size):
             band_ptr = band.indptr.astype(np.int64)
             for lo in range(first, first + band.shape[0], chunk_size):
@@ -607,3 +613,21 @@ def count_cells(path: str | Path, counts: str = "X") -> int:
     with _open_h5ad(path) as f:
         node, _ = _locate(f, counts, error)
         return _matrix_shape(node, counts, error)[0]
+
+
+def header_cell_count(path: str | Path, counts: str = "X") -> int:
+    """Cells of an ``.h5ad`` file from its count matrix's header (about 1 ms; no value is read).
+
+    Anything unexpected (not HDF5, no such matrix, an odd shape) defers to :func:`count_cells`, which checks the
+    matrix's layout and raises the :class:`InputError` every ``gfw`` command gives for that file.
+    """
+    path = Path(path)
+    try:
+        with _open_h5ad(path) as f:
+            node, _ = _locate(f, counts, InputError)
+            shape = node.shape if hasattr(node, "ndim") else _shape_attribute(node)
+            if shape is not None and len(shape) == 2:
+                return int(shape[0])
+    except (InputError, OSError, KeyError, TypeError, ValueError):
+        pass
+    return count_cells(path, counts)

@@ -1,4 +1,4 @@
-"""Planning facts about the input files for the workflow's DAG, cached so that planning does not open every file.
+"""The input files of the workflow's DAG: which files, the config paths checked, and each file's row-range shards.
 
 Snakemake parses the workflow once per `snakemake` call, and again inside every cluster job. The DAG needs one
 fact from each input, its number of cells (to split large files into row-range shards). Reading it from the
@@ -14,38 +14,97 @@ reads the headers, as it would without it.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from geneformer_workflow._io import InputError, _locate, _open_h5ad, _shape_attribute, count_cells
+from geneformer_workflow.presets import CORPUS_COLUMNS
 
-__all__ = ["CACHE_VERSION", "cached_cell_counts", "header_cell_count", "plan_row_ranges"]
+__all__ = [
+    "CACHE_VERSION",
+    "cached_cell_counts",
+    "check_config_paths",
+    "find_inputs",
+    "plan_row_ranges",
+    "plan_shards",
+]
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
 
-def header_cell_count(path: str | Path, counts: str = "X") -> int:
-    """Cells of an ``.h5ad`` file from its count matrix's header (about 1 ms; no value is read).
+def find_inputs(patterns: Sequence[str]) -> dict[str, str]:
+    """Input ``.h5ad`` files by dataset name (file stem), from paths and glob patterns (config ``inputs``).
 
-    Anything unexpected (not HDF5, no such matrix, an odd shape) defers to :func:`count_cells`, which checks the
-    matrix's layout and raises the :class:`InputError` every ``gfw`` command gives for that file.
+    Raises:
+        ValueError: a pattern matching nothing, a missing file, or two files with one dataset name.
     """
-    path = Path(path)
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            msg = f"config 'inputs': the pattern {pattern!r} matches no file"
+            raise ValueError(msg)
+        files.extend(matches)
+    datasets: dict[str, str] = {}
+    for path in files:
+        name = Path(path).name.removesuffix(".h5ad")
+        if name in datasets and datasets[name] != path:
+            msg = f"config 'inputs': two files share the dataset name {name!r}: {datasets[name]}, {path}"
+            raise ValueError(msg)
+        if not Path(path).is_file():
+            msg = f"config 'inputs': {path} does not exist"
+            raise ValueError(msg)
+        datasets[name] = path
+    return datasets
+
+
+def check_config_paths(config: Mapping[str, Any]) -> None:
+    """Every file the config names must exist before any job runs (a misspelt path is never skipped silently);
+    obs columns to keep must not collide with the corpus's own columns."""
+    paths = {
+        "vocabulary.token_dictionary": config["vocabulary"].get("token_dictionary"),
+        "vocabulary.gene_medians": config["vocabulary"].get("gene_medians"),
+    }
+    if config.get("gene_mapping") and config["gene_mapping"] != "GRCh38":
+        paths["gene_mapping"] = config["gene_mapping"]
+    for key, path in paths.items():
+        if path and not Path(path).exists():
+            msg = f"config '{key}': {path} does not exist (relative paths start at {Path.cwd()})"
+            raise ValueError(msg)
+    columns = list(config["tokenize"]["obs_columns"])
+    clashes = sorted(set(columns) & set(CORPUS_COLUMNS))
+    if clashes:
+        msg = (
+            f"config 'tokenize.obs_columns': {clashes} are the corpus's own column names "
+            f"{list(CORPUS_COLUMNS)}; rename those obs columns in the input files or leave them out"
+        )
+        raise ValueError(msg)
+    if len(set(columns)) != len(columns):
+        msg = f"config 'tokenize.obs_columns': {columns} lists a column twice"
+        raise ValueError(msg)
+
+
+def plan_shards(
+    datasets: Mapping[str, str], counts: str, shard_cells: int, cache: str | Path | None
+) -> dict[str, list[tuple[int, int | None]]]:
+    """Row ranges ``(start, stop)`` per dataset: large files are tokenized as parallel shards.
+
+    Without h5py where Snakemake runs (e.g. ``--use-conda`` with a bare Snakemake), every file is one shard
+    ``(0, None)``.
+    """
     try:
-        with _open_h5ad(path) as f:
-            node, _ = _locate(f, counts, InputError)
-            shape = node.shape if hasattr(node, "ndim") else _shape_attribute(node)
-            if shape is not None and len(shape) == 2:
-                return int(shape[0])
-    except (InputError, OSError, KeyError, TypeError, ValueError):
-        pass
-    return count_cells(path, counts)
+        import h5py  # noqa: F401 (the header reads need it)
+    except ImportError:
+        return {name: [(0, None)] for name in datasets}
+    cells = cached_cell_counts(datasets, counts, cache)
+    return {name: list(plan_row_ranges(n, shard_cells)) for name, n in cells.items()}
 
 
 def _state(path: str | Path, counts: str) -> list[object]:
@@ -106,6 +165,8 @@ def cached_cell_counts(paths: Mapping[str, str | Path], counts: str, cache: str 
         if isinstance(entry, list) and entry[:-1] == state and isinstance(entry[-1], int):
             result[name] = entry[-1]
         else:
+            from geneformer_workflow.tokenize.h5ad import header_cell_count  # h5py, numpy: only on a miss
+
             result[name] = header_cell_count(path, counts)
         files[key] = [*state, result[name]]
     if cache is not None and files != cached:
