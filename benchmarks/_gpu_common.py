@@ -245,9 +245,12 @@ def train_records(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
 
 
-def run_engine(ctx: Context, config: str, run_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
-    """One ``gfw train`` run (2-minute limit); its logged training steps, or RuntimeError with the log's cause."""
-    proc = run_command(train_command(ctx, config, run_dir, overrides), timeout_s=120)
+def run_engine(
+    ctx: Context, config: str, run_dir: Path, overrides: list[str], *, timeout_s: float = 120
+) -> list[dict[str, Any]]:
+    """One ``gfw train`` run (2-minute limit by default); its logged training steps, or RuntimeError with the log's
+    cause."""
+    proc = run_command(train_command(ctx, config, run_dir, overrides), timeout_s=timeout_s)
     print(f"--- engine {run_dir.name}: exit {proc.returncode}\n{tail(proc.stdout, 10)}", flush=True)
     if proc.returncode != 0:
         msg = f"engine run exit {proc.returncode}: {root_cause(proc.stdout)}"

@@ -45,18 +45,33 @@ def bf16_autocast(device: Any) -> Iterator[None]:
         yield
 
 
-def build_model(preset: str, *, vocab: int, length: int, device: Any, checkpointing: bool) -> Any:
-    """A Geneformer model of ``preset`` built on the meta device and initialised on ``device`` (fast for 4b)."""
+def build_model(
+    preset: str,
+    *,
+    vocab: int,
+    length: int,
+    device: Any,
+    checkpointing: bool,
+    fused_qkv: bool = False,
+    compile_backend: str | None = None,
+) -> Any:
+    """A Geneformer model of ``preset`` built on the meta device and initialised on ``device`` (fast for 4b).
+
+    ``fused_qkv`` and ``compile_backend`` (e.g. ``"inductor"``; None = eager) are the ``model.fused_qkv`` and
+    ``model.compile`` / ``model.compile_backend`` levers of the training config.
+    """
     import torch
-    from geneformer_workflow.model import GeneformerForMaskedLM, ModelConfig
+    from geneformer_workflow.model import GeneformerForMaskedLM, ModelConfig, compile_encoder_layers
 
     cfg = ModelConfig.from_preset(preset, vocab_size=vocab, max_position_embeddings=length,
-                                  gradient_checkpointing=checkpointing)  # fmt: skip
+                                  gradient_checkpointing=checkpointing, fused_qkv=fused_qkv)  # fmt: skip
     with torch.device("meta"):
         model = GeneformerForMaskedLM(cfg)
     model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()
+    if compile_backend is not None:
+        compile_encoder_layers(model, backend=compile_backend)
     return model.train()
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compile import mark_token_dims_dynamic
 from .config import ModelConfig
 from .layers import TORCH_PRIMITIVES, BertLayer, Primitives
 from .packing import PackedSequences
@@ -74,6 +75,7 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg, prims) for _ in range(cfg.num_hidden_layers))
         self.checkpoint = prims.checkpoint
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.mark_dynamic = False  # set by compile.compile_encoder_layers: the layers are compiled
 
     def forward(
         self, x_BTH: torch.Tensor, mask: Any, *, output_hidden_states: bool = False
@@ -81,6 +83,8 @@ class BertEncoder(nn.Module):
         hidden_states = [x_BTH] if output_hidden_states else None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layer:
+            if self.mark_dynamic:
+                mark_token_dims_dynamic(x_BTH, mask)
             if recompute:
                 x_BTH = self.checkpoint(layer, x_BTH, mask)
             else:

@@ -46,6 +46,10 @@ SHAPE_FIELDS = (
     "type_vocab_size",
 )
 
+# Fields that choose how the model computes or stores its weights, not what it computes: a Hugging Face config.json
+# does not carry them (``to_hf_config`` drops them, ``from_hf_config`` takes them as arguments).
+LAYOUT_FIELDS = ("gradient_checkpointing", "fused_qkv")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -67,6 +71,9 @@ class ModelConfig:
         pad_token_id: Id of ``<pad>``; its embedding row starts at zero and gets no gradient.
         type_vocab_size: Rows of the token-type table; only row 0 is used (kept for checkpoint compatibility).
         gradient_checkpointing: Recompute each layer's activations in the backward pass (training only).
+        fused_qkv: Compute Q, K and V with one (3H x H) Linear ``attention.self.qkv`` instead of three: one larger
+            GEMM per layer. A layout of the weights only: the concatenation ``[query; key; value]`` gives the same
+            model, and Hugging Face exports and imports keep the three separate matrices (``model.qkv``).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=100, **MODEL_PRESETS["sanity"], max_position_embeddings=32)
@@ -87,6 +94,7 @@ class ModelConfig:
     pad_token_id: int = 0
     type_vocab_size: int = 2
     gradient_checkpointing: bool = False
+    fused_qkv: bool = False
 
     def __post_init__(self) -> None:
         for name in SHAPE_FIELDS:
@@ -145,12 +153,13 @@ class ModelConfig:
     def to_hf_config(self) -> BertConfig:
         """The equivalent ``transformers.BertConfig`` (ReLU, tied decoder, ``architectures=["BertForMaskedLM"]``).
 
-        ``gradient_checkpointing`` is a training option and is not part of the exported config.
+        ``gradient_checkpointing`` and ``fused_qkv`` (``LAYOUT_FIELDS``) are not part of the exported config.
         """
         from transformers import BertConfig
 
         fields = self.to_dict()
-        del fields["gradient_checkpointing"]
+        for name in LAYOUT_FIELDS:
+            del fields[name]
         return BertConfig(
             **fields,
             hidden_act="relu",
@@ -161,8 +170,11 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_hf_config(cls, hf_config: BertConfig, *, gradient_checkpointing: bool = False) -> ModelConfig:
-        """Read a ``transformers.BertConfig`` (e.g. a public Geneformer ``config.json``).
+    def from_hf_config(
+        cls, hf_config: BertConfig, *, gradient_checkpointing: bool = False, fused_qkv: bool = False
+    ) -> ModelConfig:
+        """Read a ``transformers.BertConfig`` (e.g. a public Geneformer ``config.json``); the ``LAYOUT_FIELDS`` are
+        not in it and come from the keyword arguments.
 
         Raises:
             ValueError: when the config asks for something this architecture does not implement.
@@ -178,8 +190,12 @@ class ModelConfig:
                 f"{ {k: _FIXED_HF_FIELDS[k] for k in wrong} }"
             )
             raise ValueError(msg)
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "gradient_checkpointing"]
-        return cls(**{name: getattr(hf_config, name) for name in names}, gradient_checkpointing=gradient_checkpointing)
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in LAYOUT_FIELDS]
+        return cls(
+            **{name: getattr(hf_config, name) for name in names},
+            gradient_checkpointing=gradient_checkpointing,
+            fused_qkv=fused_qkv,
+        )
 
 
 def num_parameters(cfg: ModelConfig) -> int:

@@ -2,7 +2,8 @@
 
 Our parameter names ARE the Hugging Face names (see ``layers.py``), so the key map is the identity apart from
 the few keys listed below. State dicts of a Transformer Engine model go through ``te.te_state_dict_to_hf`` on
-export, which drops TE's ``_extra_state`` entries and refuses keys that belong to no BERT module.
+export, which drops TE's ``_extra_state`` entries and refuses keys that belong to no BERT module. A fused-QKV model
+(``ModelConfig.fused_qkv``) is exported with its ``qkv`` weights split into HF's query / key / value (``qkv``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from ..atomic import atomic_path
 from .bert import GeneformerForMaskedLM
 from .config import ModelConfig
+from .qkv import fuse_qkv, split_fused_qkv
 from .te_names import te_state_dict_to_hf
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,9 @@ _WRAPPER_PREFIX = "module."
 def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (possibly wrapped) state dict -> the tensors a HF ``model.safetensors`` holds.
 
-    Drops the tied aliases and Transformer Engine ``_extra_state``, strips wrapper prefixes, and makes every tensor
-    a contiguous, detached CPU tensor; keys that belong to no BERT module raise a ``ValueError``. Pass a *full*
-    (unsharded) state dict, e.g. from
+    Drops the tied aliases and Transformer Engine ``_extra_state``, strips wrapper prefixes, splits fused QKV weights
+    into query / key / value, and makes every tensor a contiguous, detached CPU tensor; keys that belong to no BERT
+    module raise a ``ValueError``. Pass a *full* (unsharded) state dict, e.g. from
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(
     full_state_dict=True, cpu_offload=True))``.
     """
@@ -69,6 +71,7 @@ def _hf_items(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.T
         for segment in _WRAPPER_SEGMENTS:
             key = key.replace(segment, "")
         unwrapped[key.removeprefix(_WRAPPER_PREFIX)] = tensor
+    unwrapped = split_fused_qkv(unwrapped)  # a fused-QKV model's qkv -> HF's query, key, value
     # TE models add `_extra_state` (FP8 metadata) per module; the conversion drops it and refuses unknown keys.
     return [(key, tensor) for key, tensor in te_state_dict_to_hf(unwrapped).items() if key not in TIED_KEYS]
 
@@ -132,7 +135,7 @@ def save_hf_state_dict(
 
 
 def load_hf_directory(
-    path: str | os.PathLike[str], *, dtype: torch.dtype | None = torch.float32
+    path: str | os.PathLike[str], *, dtype: torch.dtype | None = torch.float32, fused_qkv: bool = False
 ) -> GeneformerForMaskedLM:
     """Load any HF ``BertForMaskedLM`` directory (ours, or e.g. a public Geneformer checkpoint).
 
@@ -144,6 +147,8 @@ def load_hf_directory(
     Args:
         path: The directory.
         dtype: Parameter dtype of the returned model; None keeps the checkpoint's dtype.
+        fused_qkv: Build the fused-QKV layout (``ModelConfig.fused_qkv``): each layer's query, key and value
+            weights are concatenated into its ``qkv`` weight.
 
     Returns:
         The model, in eval mode (as ``from_pretrained``); call ``.train()`` to continue pretraining.
@@ -170,10 +175,13 @@ def load_hf_directory(
     tensors = {k: v for k, v in tensors.items() if k not in IGNORED_IMPORT_KEYS and k not in TIED_KEYS}
     _check_keys_and_shapes(tensors, _expected_shapes(cfg), source=str(path))
 
+    cfg.fused_qkv = fused_qkv
     with torch.device("meta"):
         model = GeneformerForMaskedLM(cfg)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    if fused_qkv:
+        tensors = fuse_qkv(tensors)
     for alias, target in TIED_KEYS.items():
         tensors[alias] = tensors[target]
     model.load_state_dict(tensors, strict=True, assign=True)  # no copy, no init of a throw-away model

@@ -106,6 +106,7 @@ def _flash_varlen() -> Callable[..., torch.Tensor] | None:
     return varlen_attn
 
 
+@torch.compiler.disable  # splits by a host list of lengths that differs per batch: eager under model.compile
 def packed_attention(
     q_1TND: torch.Tensor, k_1TND: torch.Tensor, v_1TND: torch.Tensor, packed: PackedSequences, dropout_p: float
 ) -> torch.Tensor:
@@ -114,6 +115,8 @@ def packed_attention(
     On CUDA in bf16/fp16 without dropout this is one flash-attention ``varlen_attn`` call over ``cu_seqlens``
     ("thd" layout); otherwise (CPU, fp32, attention dropout: ``varlen_attn`` has none) SDPA runs once per sequence
     on exactly its tokens (4-D views: SDPA's fused CPU kernel wants them), so no compute is spent on padding.
+    Always eager (``torch.compiler.disable``), so a compiled layer (``model.compile``) does not recompile for each
+    new set of lengths.
     """
     varlen = _flash_varlen() if q_1TND.is_cuda and dropout_p == 0.0 else None
     if varlen is not None and q_1TND.dtype in (torch.bfloat16, torch.float16):
@@ -182,20 +185,33 @@ TORCH_PRIMITIVES = Primitives(
 
 
 class BertSelfAttention(nn.Module):
-    """Q, K, V projections and the core attention (HF ``attention.self``)."""
+    """Q, K, V projections and the core attention (HF ``attention.self``).
+
+    With ``cfg.fused_qkv`` the three projections are one Linear ``qkv`` (H -> 3H) whose weight is the concatenation
+    ``[query; key; value]`` along the output dimension: one GEMM instead of three. ``model.qkv`` converts the
+    state-dict keys between the two layouts.
+    """
 
     def __init__(self, cfg: ModelConfig, prims: Primitives) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
-        self.query = prims.linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = prims.linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = prims.linear(cfg.hidden_size, cfg.hidden_size)
+        self.fused_qkv = cfg.fused_qkv
+        if cfg.fused_qkv:
+            self.qkv = prims.linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        else:
+            self.query = prims.linear(cfg.hidden_size, cfg.hidden_size)
+            self.key = prims.linear(cfg.hidden_size, cfg.hidden_size)
+            self.value = prims.linear(cfg.hidden_size, cfg.hidden_size)
         self.core = prims.attention(cfg.num_attention_heads, cfg.head_dim, cfg.attention_probs_dropout_prob)
 
     def forward(self, x_BTH: torch.Tensor, mask: Any) -> torch.Tensor:
         """(B, T, H) -> attention context (B, T, H)."""
         batch, seq_len, _ = x_BTH.shape
+        if self.fused_qkv:
+            qkv_BT3ND = self.qkv(x_BTH).view(batch, seq_len, 3, self.num_heads, self.head_dim)
+            q_BTND, k_BTND, v_BTND = qkv_BT3ND.unbind(2)
+            return self.core(q_BTND, k_BTND, v_BTND, mask)  # (B, T, H)
         heads_BTND = (batch, seq_len, self.num_heads, self.head_dim)
         q_BTND = self.query(x_BTH).view(heads_BTND)
         k_BTND = self.key(x_BTH).view(heads_BTND)

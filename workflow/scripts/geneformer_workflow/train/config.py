@@ -51,7 +51,9 @@ MODEL_KEYS = (
     "initializer_range",
     "type_vocab_size",
     "gradient_checkpointing",
+    "fused_qkv",
 )
+COMPILE_BACKENDS = ("none", "ddp", "fsdp2", "auto")  # model.compile is tested with these (not with mfsdp)
 DEVICES = ("auto", "cpu", "cuda")
 FP8_MULTIPLE = 16  # FP8 GEMMs need every dimension, tokens included, to be a multiple of 16
 
@@ -123,6 +125,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.max_length={cfg.data.max_length}; raise model.max_position_embeddings or lower data.max_length"
         )
         raise ValueError(msg)
+    _check_speed_options(cfg)
     if cfg.fp8.enabled and not cfg.model.use_te:
         msg = "fp8.enabled=true needs Transformer Engine layers; set model.use_te=true or fp8.enabled=false"
         raise ValueError(msg)
@@ -156,6 +159,39 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.max_length is null (= the vocabulary's model_max_length) but {path} does not give one; set "
             "data.max_length (Geneformer v1: 2048, v2: 4096) or point data.vocab_dir at a `gfw vocab` directory"
         )
+        raise ValueError(msg)
+
+
+def _check_speed_options(cfg: DictConfig) -> None:
+    """``model.fused_qkv`` and ``model.compile``: booleans, PyTorch layers only, ``compile`` not with mfsdp."""
+    for key in ("model.fused_qkv", "model.compile"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            msg = f"{key}={value!r} must be true or false"
+            raise ValueError(msg)
+        if value and cfg.model.use_te:
+            msg = (
+                f"{key}=true applies to the PyTorch layers only, not to Transformer Engine layers "
+                f"(model.use_te=true); set {key}=false or model.use_te=false"
+            )
+            raise ValueError(msg)
+    if cfg.model.compile:
+        _check_compile_backend(str(cfg.model.compile_backend))
+    if cfg.model.compile and cfg.backend.name not in COMPILE_BACKENDS:
+        msg = (
+            f"model.compile=true is not supported with backend.name={cfg.backend.name}; use one of "
+            f"{', '.join(COMPILE_BACKENDS)}, or set model.compile=false"
+        )
+        raise ValueError(msg)
+
+
+def _check_compile_backend(name: str) -> None:
+    """``model.compile_backend`` must be a ``torch.compile`` backend (checked only with ``model.compile=true``)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        msg = f"model.compile_backend={name!r} is not a torch.compile backend; choose one of {', '.join(known)}"
         raise ValueError(msg)
 
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..model import GeneformerForMaskedLM, ModelConfig, hf_state_dict_to_te, load_hf_directory
+from ..model import (
+    GeneformerForMaskedLM,
+    ModelConfig,
+    fuse_qkv,
+    hf_state_dict_to_te,
+    load_hf_directory,
+    split_fused_qkv,
+)
 from ..model.config import SHAPE_FIELDS
 from .checkpoint import load_checkpoint_model
 
@@ -46,5 +53,7 @@ def init_from(model: GeneformerForMaskedLM, config: ModelConfig, path: str | Pat
         )
         raise ValueError(msg)
     extra_state = [key for key in model.state_dict() if key.endswith("._extra_state")]  # Transformer Engine only
-    model.load_state_dict(hf_state_dict_to_te(source.state_dict(), extra_state_keys=extra_state))
+    hf_names = split_fused_qkv(source.state_dict())  # a fused-QKV source (model.fused_qkv) -> HF's q, k, v
+    state = hf_state_dict_to_te(hf_names, extra_state_keys=extra_state)
+    model.load_state_dict(fuse_qkv(state) if config.fused_qkv else state)
     log.info("initialised the model from %s", path)

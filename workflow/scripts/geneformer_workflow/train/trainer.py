@@ -28,6 +28,7 @@ from ..model import (
     MaskedLMOutput,
     ModelConfig,
     Primitives,
+    compile_encoder_layers,
     fp8_autocast_context,
     require_te,
     resolve_fp8_recipe,
@@ -37,11 +38,13 @@ from ..run_dir import CONFIG_FILE
 from .backends import ModelBuild, resolve_backend
 from .checkpoint import (
     FINAL_FILE,
+    MODEL_CONFIG_FILE,
     AppState,
     TrainState,
     check_complete,
     latest_checkpoint,
     load_checkpoint,
+    read_json,
     remove_partial_checkpoints,
     save_checkpoint,
     step_dirs,
@@ -152,6 +155,17 @@ class Trainer:
         model = GeneformerForMaskedLM(self.model_config, prims)
         if self.cfg.model.get("init_from"):
             init_from(model, self.model_config, self.cfg.model.init_from)
+        return self._compiled(model)
+
+    def _empty_model(self, prims: Primitives) -> GeneformerForMaskedLM:
+        """The architecture on the meta device, for a backend that shards it and then loads the weights."""
+        return self._compiled(GeneformerForMaskedLM(self.model_config, prims))
+
+    def _compiled(self, model: GeneformerForMaskedLM) -> GeneformerForMaskedLM:
+        """``model.compile``: each layer compiled in place, before any wrapping (torchtitan's order: compile, then
+        ``fully_shard``); compilation itself happens at the first forward."""
+        if self.cfg.model.get("compile"):
+            compile_encoder_layers(model, backend=str(self.cfg.model.compile_backend))
         return model
 
     def _build_model_and_optimizer(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -164,7 +178,7 @@ class Trainer:
         key = self.backend.kwargs_key
         build = ModelBuild(
             initial_model=functools.partial(self._initial_model, prims),
-            empty_model=functools.partial(GeneformerForMaskedLM, self.model_config, prims),
+            empty_model=functools.partial(self._empty_model, prims),
             build_optimizer=functools.partial(build_optimizer, **opt_kwargs),
             runtime=self.runtime,
             compute_dtype=self.compute_dtype,
@@ -425,6 +439,14 @@ class Trainer:
                     f"keep {config_key} as it was, or start a new run_dir"
                 )
                 raise ValueError(msg)
+        saved_fused = bool(read_json(path / MODEL_CONFIG_FILE).get("fused_qkv", False))
+        if saved_fused != self.model_config.fused_qkv:
+            msg = (
+                f"cannot resume from {path}: its weights are in the fused_qkv={str(saved_fused).lower()} layout but "
+                f"this run has model.fused_qkv={str(self.model_config.fused_qkv).lower()}; keep model.fused_qkv as "
+                "it was, or start a new run_dir with model.init_from pointing at this run (which converts the layout)"
+            )
+            raise ValueError(msg)
 
     def _check_same_data(self, path: Path, meta: dict[str, Any]) -> None:
         """A checkpoint trained on another vocabulary or other cells is never continued (issue 15).
