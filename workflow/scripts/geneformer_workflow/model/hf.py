@@ -109,7 +109,7 @@ def save_hf_state_dict(
 ) -> Path:
     """``save_hf_directory`` for a full state dict (what FSDP ranks gather), with its ``ModelConfig``.
 
-    The directory appears complete or not at all (``_atomic.atomic_path``); an existing one is replaced only with
+    The directory appears complete or not at all (``atomic.atomic_path``); an existing one is replaced only with
     ``overwrite`` and only when the export rewrites every file in it, never when it holds ``inputs``.
     """
     from safetensors.torch import save_file

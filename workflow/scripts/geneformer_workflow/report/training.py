@@ -34,7 +34,7 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 def plot_training_curves(run_dir: str | Path, loss_out: str | Path, throughput_out: str | Path) -> None:
     """Loss (train and validation) and learning rate; throughput and step time, against the optimizer step.
 
-    The two figures appear together or not at all (``_atomic.atomic_files``).
+    The two figures appear together or not at all (``atomic.atomic_files``).
     """
     with atomic_files([loss_out, throughput_out], inputs=[run_dir]) as (tmp_loss, tmp_throughput):
         _plot_training_curves(run_dir, tmp_loss, tmp_throughput)

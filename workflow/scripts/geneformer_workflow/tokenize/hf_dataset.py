@@ -18,7 +18,7 @@ into the output (so the split needs twice its size on disk while it is written),
 they come. Measured on a synthetic 100,000-cell v1 corpus (2 shards, 200 M tokens; the 94,830-cell train split,
 1.5 GB): 10 s, peak anonymous memory 245 MB. The mapped file pages of the copy also count in RSS (1.7 GB max RSS
 by ``/usr/bin/time``), but the kernel drops those clean pages under memory pressure. The directory appears
-complete or not at all (``_atomic.atomic_path``).
+complete or not at all (``atomic.atomic_path``).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def run_qc(
 ) -> dict:
     """QC one file: write the per-cell table (with ``filter_pass``), a JSON summary and a plot.
 
-    The outputs appear together (the summary, when asked for, last) or not at all; see ``_atomic.atomic_files``.
+    The outputs appear together (the summary, when asked for, last) or not at all; see ``atomic.atomic_files``.
     """
     outputs = [Path(p) for p in (out_table, plot, summary_json) if p]
     check_outputs(outputs, inputs=[path], overwrite=overwrite)

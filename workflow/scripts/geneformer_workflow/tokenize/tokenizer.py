@@ -87,7 +87,7 @@ def tokenize_h5ad(
     pyarrow release the GIL). ``threads`` above 2 adds ``threads - 2`` ranking threads, for CPUs where
     ranking dominates; the output never depends on it.
 
-    The four output files appear together or not at all (``_atomic.atomic_files``, the manifest last); an
+    The four output files appear together or not at all (``atomic.atomic_files``, the manifest last); an
     existing output is replaced only with ``overwrite``, and never when it is the input or a directory.
     """
     if preset.special_tokens and not (CLS in token_dictionary and EOS in token_dictionary):

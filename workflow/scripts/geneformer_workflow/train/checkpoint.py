@@ -51,7 +51,7 @@ from ..atomic import write_json_atomic as write_json_atomic  # fsynced, then ren
 from ..model import GeneformerForMaskedLM, ModelConfig
 from ..model.te_names import EXTRA_STATE_SUFFIX
 
-# The run-directory names that the report reads too live in the torch-free _run_dir; re-exported here.
+# The run-directory names that the report reads too live in the torch-free run_dir module; re-exported here.
 from ..run_dir import CHECKPOINTS, CheckpointError, read_json
 from ..run_dir import FINAL_FILE as FINAL_FILE
 from ..run_dir import STEP_DIR as _STEP_DIR
