@@ -251,6 +251,10 @@ def test_a_corpus_list_reads_exactly_the_datasets_it_names_relative_to_itself(pr
     listing.write_text("\n")
     with pytest.raises(ValueError, match=r"datasets\.txt: the corpus list names no dataset index"):
         resolve_corpus_inputs([listing])
+    (project / "tokenized" / "other.txt").write_text("datasets.txt\n")
+    listing.write_text("other.txt\n")  # lists naming lists could name each other: refused
+    with pytest.raises(ValueError, match=r"may not name another list"):
+        resolve_corpus_inputs([listing])
     listing.write_text("nope/dataset.json\n")
     with pytest.raises(ValueError, match=r"nope/dataset\.json"):
         resolve_corpus_inputs([listing])

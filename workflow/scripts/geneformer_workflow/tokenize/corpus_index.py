@@ -303,13 +303,14 @@ def read_corpus_list(path: Path) -> list[Path]:
     """The entries a ``.txt`` corpus list names, one per line (blank lines skipped), relative to its directory.
 
     Raises:
-        InputError: an empty list, or a list that names itself.
+        InputError: an empty list, or a list that names a list (which could name the first one again).
     """
     entries = [path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not entries:
         msg = f"{path}: the corpus list names no dataset index or corpus file (one path per line)"
         raise InputError(msg)
-    if any(entry.resolve() == path.resolve() for entry in entries):
-        msg = f"{path}: the corpus list names itself"
+    nested = [entry for entry in entries if entry.suffix == ".txt"]
+    if nested:
+        msg = f"{path}: a corpus list may not name another list ({nested[0]}); name dataset indexes or shards"
         raise InputError(msg)
     return entries

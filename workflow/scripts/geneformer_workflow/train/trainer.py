@@ -68,6 +68,9 @@ from .vocab import load_vocab
 
 log = logging.getLogger(__name__)
 
+# First line of run_dir/config.yaml: marks the file as this tool's (it is replaced at each start of the run).
+RUN_CONFIG_HEADER = "# gfw train: the resolved config of the latest start of this run (rewritten at each start)\n"
+
 
 class CheckpointMismatchError(ValueError):
     """The newest checkpoint belongs to a run on another vocabulary or corpus; the message says how to start over."""
@@ -502,11 +505,20 @@ class Trainer:
     def _write_run_config(self) -> None:
         """``run_dir/config.yaml``: the resolved config of this start of the run (the report shows this file).
 
-        Written after the resume checks, so a refused resume leaves the file of the run it refused to continue.
+        Written after the resume checks, so a refused resume leaves the file of the run it refused to continue. A
+        ``config.yaml`` that ``gfw train`` did not write (no :data:`RUN_CONFIG_HEADER`) is never replaced: every rank
+        checks before rank 0 writes, so all of them stop with the same message.
         """
+        path = self.run_dir / CONFIG_FILE
+        if path.is_file() and not path.read_text().startswith(RUN_CONFIG_HEADER):
+            msg = (
+                f"{path} exists and was not written by gfw train; run_dir={self.run_dir} holds other files: "
+                "choose another run_dir"
+            )
+            raise ValueError(msg)
         if self.runtime.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
+            write_text_atomic(path, RUN_CONFIG_HEADER + OmegaConf.to_yaml(self.cfg, resolve=True))
 
     def _start_metrics(self) -> MetricsLogger:
         return MetricsLogger(
