@@ -54,17 +54,19 @@ def build_model(
     checkpointing: bool,
     fused_qkv: bool = False,
     compile_backend: str | None = None,
+    **options: Any,
 ) -> Any:
     """A Geneformer model of ``preset`` built on the meta device and initialised on ``device`` (fast for 4b).
 
     ``fused_qkv`` and ``compile_backend`` (e.g. ``"inductor"``; None = eager) are the ``model.fused_qkv`` and
-    ``model.compile`` / ``model.compile_backend`` levers of the training config.
+    ``model.compile`` / ``model.compile_backend`` levers of the training config; ``options`` are other
+    ``ModelConfig`` fields (e.g. ``packed_attention="jagged"``, ``attention_probs_dropout_prob=0.0``).
     """
     import torch
     from geneformer_workflow.model import GeneformerForMaskedLM, ModelConfig, compile_encoder_layers
 
     cfg = ModelConfig.from_preset(preset, vocab_size=vocab, max_position_embeddings=length,
-                                  gradient_checkpointing=checkpointing, fused_qkv=fused_qkv)  # fmt: skip
+                                  gradient_checkpointing=checkpointing, fused_qkv=fused_qkv, **options)  # fmt: skip
     with torch.device("meta"):
         model = GeneformerForMaskedLM(cfg)
     model.to_empty(device=device)

@@ -5,9 +5,14 @@ On right-padded cells of random length in [T/2, T] (15 % of real tokens masked):
 * ``<preset>_equal``: the bf16 loss of one batch padded vs packed (``model.unpad``; flash varlen attention on CUDA)
   and the largest logit difference;
 * ``<preset>_speed``: step time and non-pad tokens/s of ours padded, ours packed (``unpad`` inside the step) and
-  ``transformers.BertForMaskedLM`` (sdpa, padded) for 10m at 12 x 2,048 and 106m at 8 x 4,096;
+  ``transformers.BertForMaskedLM`` (sdpa, padded) for 10m at 12 x 2,048 and 106m at 8 x 4,096; packed also with
+  ``model.packed_attention=jagged`` (``ours_packed_jagged``: one nested-tensor SDPA call per layer with
+  Geneformer's attention dropout, instead of one per cell) and without attention dropout
+  (``ours_packed_no_attention_dropout``: flash varlen), giving ``jagged_speedup_vs_per_cell`` and
+  ``jagged_dropout_cost`` (the issue's goal: < 0.10);
 * ``engine``: the training engine (``--engine-config``, default 10m) on the corpus with ``data.packing`` false and
-  true, 40 steps each; the padded run is profiled with ``logging.profile_steps`` (``profile_padded``).
+  true (``packing_True``), and packed with ``model.packed_attention=jagged`` (``packing_True_jagged``), 40 steps
+  each; the padded run is profiled with ``logging.profile_steps`` (``profile_padded``).
 
 ``--dry-run``: the sanity shape at 4 x 128 on CPU (fp32) and 4 engine steps of the sanity config.
 
@@ -68,23 +73,32 @@ def packing_microbenchmark(preset: str, batch: int, length: int, vocab: int, ctx
     data = variable_batch(batch, length, vocab, device, seed=0)
     real_tokens = int(data[1].sum())
     warmup, steps = model_steps.step_counts(ctx.tiny)
-    ours = model_steps.build_model(preset, vocab=vocab, length=length, device=device, checkpointing=False)
+    build = partial(model_steps.build_model, preset, vocab=vocab, length=length, device=device, checkpointing=False)
+    ours = build()
+    jagged = build(packed_attention="jagged")
+    no_attention_dropout = build(attention_probs_dropout_prob=0.0)
     theirs = model_steps.transformers_model(preset, vocab=vocab, length=length, device=device)
 
-    def packed_call(i: Any, a: Any, y: Any) -> Any:
-        ids_1T, labels_1T, packed = unpad(i, a, y)
-        return ours(ids_1T, labels=labels_1T, packed=packed)
+    def packed(model: Any) -> Any:
+        def call(i: Any, a: Any, y: Any) -> Any:
+            ids_1T, labels_1T, cells = unpad(i, a, y)
+            return model(ids_1T, labels=labels_1T, packed=cells)
+
+        call.parameters = model.parameters  # type: ignore[attr-defined]  # for model_steps.adamw
+        return call
 
     out: dict[str, Any] = {"preset": preset, "micro_batch": batch, "length": length, "real_tokens": real_tokens}
-    for name, call, params in (("ours_padded", ours, ours), ("ours_packed", packed_call, ours),
-                               ("transformers", theirs, theirs)):  # fmt: skip
-        optimizer = model_steps.adamw(params, device)
+    variants = {"ours_padded": ours, "ours_packed": packed(ours), "ours_packed_jagged": packed(jagged),
+                "ours_packed_no_attention_dropout": packed(no_attention_dropout), "transformers": theirs}  # fmt: skip
+    for name, call in variants.items():
+        optimizer = model_steps.adamw(call, device)
         seconds = model_steps.measure_steps(call, data, warmup=warmup, steps=steps, optimizer=optimizer)
         out[name] = {"seconds_per_step": seconds, "non_pad_tokens_per_second": real_tokens / seconds}
-    for name in ("ours_padded", "ours_packed"):
-        out[f"{name}_speedup_vs_transformers"] = (
-            out["transformers"]["seconds_per_step"] / out[name]["seconds_per_step"]
-        )
+    seconds = {name: out[name]["seconds_per_step"] for name in variants}
+    for name in ("ours_padded", "ours_packed", "ours_packed_jagged"):
+        out[f"{name}_speedup_vs_transformers"] = seconds["transformers"] / seconds[name]
+    out["jagged_speedup_vs_per_cell"] = seconds["ours_packed"] / seconds["ours_packed_jagged"]
+    out["jagged_dropout_cost"] = seconds["ours_packed_jagged"] / seconds["ours_packed_no_attention_dropout"] - 1
     return out
 
 
@@ -93,17 +107,19 @@ def engine_packing_runs(ctx: Context) -> dict[str, Any]:
     steps, log_every = (4, 2) if ctx.tiny else (40, 10)
     config = "sanity" if ctx.tiny else ctx.engine_config
     results: dict[str, Any] = {}
-    for packing in (False, True):
-        run_dir = Path(ctx.workdir) / f"engine_{config}_packing_{packing}"
-        overrides = [*engine_overrides(steps, log_every), f"data.packing={str(packing).lower()}"]
+    for name, packing, kernel in (("packing_False", False, "auto"), ("packing_True", True, "auto"),
+                                  ("packing_True_jagged", True, "jagged")):  # fmt: skip
+        run_dir = Path(ctx.workdir) / f"engine_{config}_{name}"
+        overrides = [*engine_overrides(steps, log_every), f"data.packing={str(packing).lower()}",
+                     f"model.packed_attention={kernel}"]  # fmt: skip
         if not packing:
             overrides.append(f"logging.profile_steps=[{steps - 3},{steps - 2}]")
         try:
             records = run_engine(ctx, config, run_dir, overrides)
         except RuntimeError as err:
-            results[f"packing_{packing}"] = {"error": str(err)}
+            results[name] = {"error": str(err)}
             continue
-        results[f"packing_{packing}"] = train_metrics(records[-2])  # the last logged step before the profile
+        results[name] = train_metrics(records[-2])  # the last logged step before the profile
         for table in sorted((run_dir / "profile").glob("*.txt")):
             results["profile_padded"] = table.read_text()[:6000]
             print(results["profile_padded"], flush=True)
@@ -137,13 +153,15 @@ def summarize(res: dict[str, Any]) -> str:
     parts = [f"varlen {res.get('varlen_attention')}"]
     for key, value in res.items():
         if key.endswith("_speed") and "ours_packed" in value:
-            parts.append(f"{key[:-6]}: packed {value['ours_packed_speedup_vs_transformers']:.2f}x, padded "
+            parts.append(f"{key[:-6]}: packed {value['ours_packed_speedup_vs_transformers']:.2f}x (jagged "
+                         f"{value['ours_packed_jagged_speedup_vs_transformers']:.2f}x, dropout cost "
+                         f"{value['jagged_dropout_cost']:+.0%}), padded "
                          f"{value['ours_padded_speedup_vs_transformers']:.2f}x vs transformers")  # fmt: skip
     engine = res.get("engine", {})
-    for packing in ("False", "True"):
-        tok = engine.get(f"packing_{packing}", {}).get("train/unpadded_tokens_per_second")
+    for name in ("packing_False", "packing_True", "packing_True_jagged"):
+        tok = engine.get(name, {}).get("train/unpadded_tokens_per_second")
         if tok:
-            parts.append(f"engine packing={packing}: {tok:,.0f} tok/s")
+            parts.append(f"engine {name}: {tok:,.0f} tok/s")
     return ", ".join(parts)
 
 

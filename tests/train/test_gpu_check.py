@@ -59,7 +59,10 @@ def test_dry_run_exercises_every_section_on_cpu(small_corpus, tmp_path):
     packing = sections["packing"]["result"]
     assert packing["sanity_equal"]["max_abs_logit_difference"] < 1e-4  # fp32 on CPU
     assert packing["sanity_speed"]["ours_packed"]["seconds_per_step"] > 0
-    assert packing["engine"]["packing_True"]["train/unpadded_tokens_per_second"] > 0
+    assert packing["sanity_speed"]["ours_packed_jagged"]["seconds_per_step"] > 0
+    assert packing["sanity_speed"]["jagged_dropout_cost"] > -1
+    for run in ("packing_True", "packing_True_jagged"):
+        assert packing["engine"][run]["train/unpadded_tokens_per_second"] > 0
     assert "aten::" in packing["engine"]["profile_padded"]
     assert [line.split()[0] for line in report["summary"]] == SECTIONS
     assert "# Summary" in proc.stdout and (tmp_path / "out" / "gpu_check.md").is_file()

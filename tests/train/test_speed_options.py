@@ -1,4 +1,4 @@
-"""``model.fused_qkv`` and ``model.compile`` in training: checked config, the same losses as the plain model (one
+"""``model.fused_qkv``, ``model.compile`` and ``model.packed_attention`` in training: checked config, the same losses as the plain model (one
 process, and two-process FSDP2 with compiled layers), HF-named exports and ``model.init_from`` across layouts."""
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ FROZEN = ("optimizer.lr=0.0", "optimizer.weight_decay=0.0", "training.max_steps=
         (["model.compile=true", "model.compile_backend=inductr"],
          r"model.compile_backend='inductr' is not a torch.compile backend; choose one of .*inductor"),
         (["model.fused_qkv=yes"], r"model.fused_qkv='yes' must be true or false"),
+        (["model.packed_attention=flash"], r"model.packed_attention='flash' is not one of auto, per_cell, jagged"),
+        (["model.packed_attention=jagged", "model.use_te=true", "training.device=cuda"],
+         r"model.packed_attention=jagged applies to the PyTorch layers only.*set model.packed_attention=auto"),
     ],
 )  # fmt: skip
 def test_bad_speed_options_are_refused_naming_the_key(small_corpus, tmp_path, overrides, message):
@@ -46,6 +49,7 @@ def test_bad_speed_options_are_refused_naming_the_key(small_corpus, tmp_path, ov
 def test_speed_options_are_off_by_default(small_corpus, tmp_path):
     cfg = compose(small_corpus, tmp_path, "training.max_steps=1")
     assert (cfg.model.fused_qkv, cfg.model.compile, cfg.model.compile_backend) == (False, False, "inductor")
+    assert cfg.model.packed_attention == "auto"
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,13 @@ def test_fused_compiled_checkpointed_packed_run_has_the_plain_losses(small_corpu
     losses = train_losses(tmp_path)
     assert sorted(losses) == list(range(1, 13))
     assert losses == pytest.approx(plain_losses, abs=1e-5, rel=0)
+
+
+def test_a_packed_run_with_the_jagged_kernel_has_the_plain_losses(small_corpus, tmp_path, plain_losses):
+    """The setting reaches every layer (on CPU the jagged kernel is the per-cell path: tests/model)."""
+    main(compose(small_corpus, tmp_path, *EQUIVALENCE, *NO_DROPOUT, "training.grad_accum_steps=2",
+                 "model.packed_attention=jagged", "data.packing=true"))  # fmt: skip
+    assert train_losses(tmp_path) == pytest.approx(plain_losses, abs=1e-5, rel=0)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from torch import nn
 
 from .compile import mark_token_dims_dynamic
 from .config import ModelConfig
-from .layers import TORCH_PRIMITIVES, BertLayer, Primitives
+from .layers import TORCH_PRIMITIVES, BertLayer, Primitives, torch_primitives
 from .packing import PackedSequences
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (PyTorch's cross_entropy default)
@@ -165,7 +165,8 @@ class GeneformerForMaskedLM(nn.Module):
 
     Args:
         cfg: Model hyper-parameters.
-        prims: Linear / LayerNorm / attention factories; ``TORCH_PRIMITIVES`` (plain PyTorch + SDPA) by default.
+        prims: Linear / LayerNorm / attention factories; ``TORCH_PRIMITIVES`` (plain PyTorch + SDPA) by default,
+            its attention with ``cfg.packed_attention``.
 
     Example:
         >>> from geneformer_workflow.model import ModelConfig, GeneformerForMaskedLM
@@ -183,6 +184,8 @@ class GeneformerForMaskedLM(nn.Module):
     def __init__(self, cfg: ModelConfig, prims: Primitives = TORCH_PRIMITIVES) -> None:
         super().__init__()
         self.config = cfg
+        if prims is TORCH_PRIMITIVES:
+            prims = torch_primitives(cfg.packed_attention)
         self.bert = BertModel(cfg, prims)
         self.cls = BertOnlyMLMHead(cfg, prims)
         self._init_weights()

@@ -48,7 +48,9 @@ SHAPE_FIELDS = (
 
 # Fields that choose how the model computes or stores its weights, not what it computes: a Hugging Face config.json
 # does not carry them (``to_hf_config`` drops them, ``from_hf_config`` takes them as arguments).
-LAYOUT_FIELDS = ("gradient_checkpointing", "fused_qkv")
+LAYOUT_FIELDS = ("gradient_checkpointing", "fused_qkv", "packed_attention")
+# How packed batches are attended (model/layers.py ``packed_attention``): the same result by every kernel.
+PACKED_ATTENTION_KERNELS = ("auto", "per_cell", "jagged")
 
 
 @dataclass(kw_only=True)
@@ -74,6 +76,9 @@ class ModelConfig:
         fused_qkv: Compute Q, K and V with one (3H x H) Linear ``attention.self.qkv`` instead of three: one larger
             GEMM per layer. A layout of the weights only: the concatenation ``[query; key; value]`` gives the same
             model, and Hugging Face exports and imports keep the three separate matrices (``model.qkv``).
+        packed_attention: Kernel for packed batches (``PACKED_ATTENTION_KERNELS``): ``auto`` (flash varlen on CUDA
+            without attention dropout, else one SDPA call per cell), ``per_cell`` or ``jagged`` (one SDPA call on
+            nested tensors: a varlen kernel with dropout on CUDA). The same attention; only speed differs.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=100, **MODEL_PRESETS["sanity"], max_position_embeddings=32)
@@ -95,6 +100,7 @@ class ModelConfig:
     type_vocab_size: int = 2
     gradient_checkpointing: bool = False
     fused_qkv: bool = False
+    packed_attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in SHAPE_FIELDS:
@@ -113,6 +119,10 @@ class ModelConfig:
             if not 0.0 <= p < 1.0:
                 msg = f"ModelConfig.{name} must be in [0, 1), got {p!r}"
                 raise ValueError(msg)
+        if self.packed_attention not in PACKED_ATTENTION_KERNELS:
+            kernel = self.packed_attention
+            msg = f"ModelConfig.packed_attention must be one of {PACKED_ATTENTION_KERNELS}, got {kernel!r}"
+            raise ValueError(msg)
         pad = self.pad_token_id
         if not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < self.vocab_size:
             msg = f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size})"
@@ -153,7 +163,8 @@ class ModelConfig:
     def to_hf_config(self) -> BertConfig:
         """The equivalent ``transformers.BertConfig`` (ReLU, tied decoder, ``architectures=["BertForMaskedLM"]``).
 
-        ``gradient_checkpointing`` and ``fused_qkv`` (``LAYOUT_FIELDS``) are not part of the exported config.
+        ``gradient_checkpointing``, ``fused_qkv`` and ``packed_attention`` (``LAYOUT_FIELDS``) are not part of the
+        exported config.
         """
         from transformers import BertConfig
 

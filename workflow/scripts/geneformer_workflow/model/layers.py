@@ -16,6 +16,9 @@ I feed-forward size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,13 +60,15 @@ class SDPAttention(nn.Module):
         num_heads: N.
         head_dim: D.
         dropout_p: Attention-probability dropout while training.
+        packed_kernel: How packed batches are attended (``ModelConfig.packed_attention``, :func:`packed_attention`).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, dropout_p: float) -> None:
+    def __init__(self, num_heads: int, head_dim: int, dropout_p: float, packed_kernel: str = "auto") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.dropout_p = dropout_p
+        self.packed_kernel = packed_kernel
 
     @staticmethod
     def prepare_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -89,7 +94,7 @@ class SDPAttention(nn.Module):
         batch, seq_len = query_BTND.shape[:2]
         dropout_p = self.dropout_p if self.training else 0.0
         if isinstance(mask, PackedSequences):
-            ctx_1TND = packed_attention(query_BTND, key_BTND, value_BTND, mask, dropout_p)
+            ctx_1TND = packed_attention(query_BTND, key_BTND, value_BTND, mask, dropout_p, self.packed_kernel)
             return ctx_1TND.reshape(batch, seq_len, self.num_heads * self.head_dim)  # (1, T_total, H)
         q_BNTD, k_BNTD, v_BNTD = (x.transpose(1, 2) for x in (query_BTND, key_BTND, value_BTND))
         with sdpa_backends(q_BNTD):
@@ -108,17 +113,32 @@ def _flash_varlen() -> Callable[..., torch.Tensor] | None:
 
 @torch.compiler.disable  # splits by a host list of lengths that differs per batch: eager under model.compile
 def packed_attention(
-    q_1TND: torch.Tensor, k_1TND: torch.Tensor, v_1TND: torch.Tensor, packed: PackedSequences, dropout_p: float
+    q_1TND: torch.Tensor,
+    k_1TND: torch.Tensor,
+    v_1TND: torch.Tensor,
+    packed: PackedSequences,
+    dropout_p: float,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Block-diagonal attention over packed sequences (T = T_total): (1, T, N, D) -> (1, T, N, D).
 
-    On CUDA in bf16/fp16 without dropout this is one flash-attention ``varlen_attn`` call over ``cu_seqlens``
-    ("thd" layout); otherwise (CPU, fp32, attention dropout: ``varlen_attn`` has none) SDPA runs once per sequence
-    on exactly its tokens (4-D views: SDPA's fused CPU kernel wants them), so no compute is spent on padding.
+    ``kernel`` (``ModelConfig.packed_attention``):
+
+    - ``auto``: on CUDA in bf16/fp16 without dropout one flash-attention ``varlen_attn`` call over ``cu_seqlens``
+      ("thd" layout); otherwise (CPU, fp32, attention dropout: ``varlen_attn`` has none) ``per_cell``.
+    - ``per_cell``: SDPA once per sequence on exactly its tokens (4-D views: SDPA's fused CPU kernel wants them),
+      so no compute is spent on padding, but one kernel launch per cell and layer.
+    - ``jagged``: on CUDA one SDPA call on jagged nested tensors (:func:`jagged_attention`), dropout included:
+      PyTorch runs its flash / memory-efficient varlen kernels over the offsets, one kernel per layer. On CPU
+      ``per_cell`` (PyTorch's CPU jagged SDPA is a per-sequence math loop whose saved tensors non-reentrant
+      activation checkpointing cannot inspect).
+
     Always eager (``torch.compiler.disable``), so a compiled layer (``model.compile``) does not recompile for each
     new set of lengths.
     """
-    varlen = _flash_varlen() if q_1TND.is_cuda and dropout_p == 0.0 else None
+    if kernel == "jagged" and q_1TND.is_cuda:
+        return jagged_attention(q_1TND, k_1TND, v_1TND, packed, dropout_p)
+    varlen = _flash_varlen() if kernel == "auto" and q_1TND.is_cuda and dropout_p == 0.0 else None
     if varlen is not None and q_1TND.dtype in (torch.bfloat16, torch.float16):
         cu = packed.cu_seqlens
         ctx_TND = varlen(q_1TND[0], k_1TND[0], v_1TND[0], cu, cu, packed.max_seqlen, packed.max_seqlen)
@@ -131,6 +151,36 @@ def packed_attention(
             ctx_1NLD = F.scaled_dot_product_attention(q_1NLD, k_1NLD, v_1NLD, dropout_p=dropout_p)
             outputs.append(ctx_1NLD.transpose(1, 2))
     return torch.cat(outputs, 1)  # (1, T, N, D)
+
+
+def jagged_attention(
+    q_1TND: torch.Tensor, k_1TND: torch.Tensor, v_1TND: torch.Tensor, packed: PackedSequences, dropout_p: float
+) -> torch.Tensor:
+    """Packed attention as one SDPA call on jagged nested tensors (``torch.nested``, ``layout=torch.jagged``).
+
+    Each (1, T, N, D) input is viewed (no copy) as S sequences of ragged length with ``cu_seqlens`` as offsets and
+    transposed to (S, N, j, D). PyTorch's jagged SDPA (``torch/nested/_internal/sdpa.py``,
+    ``jagged_scaled_dot_product_attention``) then calls ``aten._flash_attention_forward`` or
+    ``_efficient_attention_forward`` with cumulative sequence lengths and ``dropout_p`` on CUDA: the varlen kernel
+    with dropout that ``varlen_attn`` lacks. On CPU it takes the math path per sequence: a reference for the
+    tests, slower than ``per_cell`` and not usable under activation checkpointing (its strided nested tensors have no
+    ``shape`` for ``torch.utils.checkpoint``'s recomputation check), so models use it on CUDA only.
+    """
+    offsets_S1 = packed.cu_seqlens.to(torch.int64)  # jagged offsets are int64
+
+    def as_jagged(x_1TND: torch.Tensor) -> torch.Tensor:
+        nested_SjND = torch.nested.nested_tensor_from_jagged(
+            x_1TND[0], offsets=offsets_S1, max_seqlen=packed.max_seqlen, min_seqlen=min(packed.lengths)
+        )
+        return nested_SjND.transpose(1, 2)  # (S, N, j, D)
+
+    with sdpa_backends(q_1TND), warnings.catch_warnings():
+        # The CPU math path converts to the strided nested layout, which warns that it is a prototype.
+        warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage.*")
+        ctx_SNjD = F.scaled_dot_product_attention(
+            as_jagged(q_1TND), as_jagged(k_1TND), as_jagged(v_1TND), dropout_p=dropout_p
+        )
+    return ctx_SNjD.transpose(1, 2).values().unsqueeze(0)  # (1, T, N, D)
 
 
 def checkpoint_layer(layer: nn.Module, *args: Any) -> torch.Tensor:
@@ -182,6 +232,14 @@ TORCH_PRIMITIVES = Primitives(
     attention=SDPAttention,
     prepare_mask=SDPAttention.prepare_mask,
 )
+
+
+def torch_primitives(packed_attention: str = "auto") -> Primitives:
+    """``TORCH_PRIMITIVES`` with packed batches attended by ``packed_attention`` (:func:`packed_attention`)."""
+    if packed_attention == "auto":
+        return TORCH_PRIMITIVES
+    attention = functools.partial(SDPAttention, packed_kernel=packed_attention)
+    return dataclasses.replace(TORCH_PRIMITIVES, attention=attention)
 
 
 class BertSelfAttention(nn.Module):

@@ -29,6 +29,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from ..model.config import PACKED_ATTENTION_KERNELS
 from ..tokenize.vocab import TOKENIZER_CONFIG
 from .backends import BACKEND_CHOICES, BACKENDS, single_process_error
 from .checkpoint import META_FILE, CheckpointError, latest_checkpoint, read_json
@@ -52,6 +53,7 @@ MODEL_KEYS = (
     "type_vocab_size",
     "gradient_checkpointing",
     "fused_qkv",
+    "packed_attention",
 )
 COMPILE_BACKENDS = ("none", "ddp", "fsdp2", "auto")  # model.compile is tested with these (not with mfsdp)
 DEVICES = ("auto", "cpu", "cuda")
@@ -163,7 +165,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def _check_speed_options(cfg: DictConfig) -> None:
-    """``model.fused_qkv`` and ``model.compile``: booleans, PyTorch layers only, ``compile`` not with mfsdp."""
+    """``model.fused_qkv``, ``model.compile`` (booleans) and ``model.packed_attention``: PyTorch layers only,
+    ``compile`` not with mfsdp."""
     for key in ("model.fused_qkv", "model.compile"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, bool):
@@ -175,6 +178,16 @@ def _check_speed_options(cfg: DictConfig) -> None:
                 f"(model.use_te=true); set {key}=false or model.use_te=false"
             )
             raise ValueError(msg)
+    kernel = OmegaConf.select(cfg, "model.packed_attention")
+    if kernel not in PACKED_ATTENTION_KERNELS:
+        msg = f"model.packed_attention={kernel!r} is not one of {', '.join(PACKED_ATTENTION_KERNELS)}"
+        raise ValueError(msg)
+    if kernel != "auto" and cfg.model.use_te:
+        msg = (
+            f"model.packed_attention={kernel} applies to the PyTorch layers only; Transformer Engine layers "
+            "(model.use_te=true) attend packed batches with their own thd kernel: set model.packed_attention=auto"
+        )
+        raise ValueError(msg)
     if cfg.model.compile:
         _check_compile_backend(str(cfg.model.compile_backend))
     if cfg.model.compile and cfg.backend.name not in COMPILE_BACKENDS:
