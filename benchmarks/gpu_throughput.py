@@ -10,7 +10,9 @@ Speed levers of the training config, each measured on and off (they stay off by 
 for each shape, ``<preset>_fused_qkv`` (``model.fused_qkv``: one QKV GEMM), ``<preset>_compile`` (``model.compile``:
 each layer compiled with inductor) and ``<preset>_compile_fused_qkv`` have the same keys as ``<preset>`` plus
 ``first_step_seconds`` (the compile time shows here) and ``speedup_vs_plain`` (``<preset>``'s step time / theirs);
-``engine_levers`` is the engine run with both levers on (GPU only). A lever that fails is recorded, not fatal.
+``engine_levers`` is the engine run with both levers on (GPU only). ``<preset>_micro_batch_x2``: the plain model at
+twice the micro-batch (more tokens per kernel where memory allows), with ``tokens_per_second_vs_plain``. A lever
+that fails (e.g. out of memory) is recorded, not fatal.
 ``--dry-run``: the sanity shape at 2 x 128 on CPU (no MFU: a CPU has no known peak), compiled with the ``eager``
 backend (Dynamo traces the layers, no code is generated: the path is checked in seconds), and 4 engine steps of the
 sanity config.
@@ -126,6 +128,11 @@ def section_throughput(ctx: Context) -> dict[str, Any]:
             lever = parts.run(f"{preset}_{suffix}", run, fatal=False)
             if "seconds_per_step" in mine and "seconds_per_step" in lever:
                 lever["speedup_vs_plain"] = mine["seconds_per_step"] / lever["seconds_per_step"]
+        preset_name, batch, length, vocab = shape
+        doubled = parts.run(f"{preset}_micro_batch_x2", partial(timed_steps, "ours", preset_name, 2 * batch, length,
+                                                                 vocab, ctx), fatal=False)  # fmt: skip
+        if "tokens_per_second" in mine and "tokens_per_second" in doubled:
+            doubled["tokens_per_second_vs_plain"] = doubled["tokens_per_second"] / mine["tokens_per_second"]
         # the reference on the same shape; its failure is recorded, not fatal
         reference = parts.run(f"{preset}_transformers", partial(timed_steps, "transformers", *shape, ctx), fatal=False)
         if "seconds_per_step" in mine and "seconds_per_step" in reference:
@@ -142,6 +149,7 @@ def summarize(res: dict[str, Any]) -> str:
         f"{k}: {v['tokens_per_second']:,.0f} tok/s, "
         + (f"ours {v['ours_speedup']:.2f}x" if "ours_speedup" in v else f"MFU {percent(v.get('mfu_percent'))}")
         + (f" ({v['speedup_vs_plain']:.2f}x plain)" if "speedup_vs_plain" in v else "")
+        + (f" ({v['tokens_per_second_vs_plain']:.2f}x plain tok/s)" if "tokens_per_second_vs_plain" in v else "")
         for k, v in res.items() if "tokens_per_second" in v
     )  # fmt: skip
     for key, label in (("engine", "engine"), ("engine_levers", "engine with levers")):

@@ -54,6 +54,9 @@ def test_dry_run_exercises_every_section_on_cpu(small_corpus, tmp_path):
     assert throughput["engine"]["metrics"]["train/mfu"] > 0  # the dry run sets logging.peak_tflops=1
     for lever in ("fused_qkv", "compile", "compile_fused_qkv"):  # each speed lever on, against the plain model
         assert throughput[f"sanity_{lever}"]["speedup_vs_plain"] > 0 and "mfu_percent" in throughput[f"sanity_{lever}"]
+    doubled = throughput["sanity_micro_batch_x2"]
+    assert doubled["micro_batch"] == 2 * throughput["sanity"]["micro_batch"]
+    assert doubled["tokens_per_second_vs_plain"] > 0
     assert "engine_levers" not in throughput  # GPU only (tests/train/test_speed_options.py checks it on CPU)
     assert [c["micro_batch"] for c in sections["memory_4b"]["result"]["cases"]] == [1, 2, 1, 1]
     packing = sections["packing"]["result"]
