@@ -8,7 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from geneformer_workflow.model import GeneformerForMaskedLM, ModelConfig, PackedSequences, unpad
+from geneformer_workflow.model import (
+    GeneformerForMaskedLM,
+    ModelConfig,
+    PackedSequences,
+    compile_encoder_layers,
+    unpad,
+)
 from geneformer_workflow.model.layers import jagged_attention, packed_attention
 
 KERNELS = ("auto", "per_cell", "jagged")
@@ -133,6 +139,19 @@ def test_jagged_dropout_is_recomputed_identically_under_activation_checkpointing
     assert torch.equal(recomputed_loss, plain_loss)
     for grad, reference in zip(recomputed_grads, plain_grads, strict=True):
         torch.testing.assert_close(grad, reference, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["per_cell", "jagged"])
+def test_a_model_with_a_chosen_kernel_can_be_compiled(tiny_cfg, padded_batch, tol, kernel):
+    torch.manual_seed(0)
+    eager = GeneformerForMaskedLM(dataclasses.replace(tiny_cfg, packed_attention=kernel)).eval()
+    compiled = GeneformerForMaskedLM(dataclasses.replace(tiny_cfg, packed_attention=kernel)).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compile_encoder_layers(compiled, backend="eager")  # Dynamo traces the layers; packed attention stays eager
+    ids_1T, labels_1T, packed = unpad(padded_batch.input_ids, padded_batch.attention_mask, padded_batch.labels)
+    with torch.no_grad():
+        expected = eager(ids_1T, labels=labels_1T, packed=packed).loss
+        torch.testing.assert_close(compiled(ids_1T, labels=labels_1T, packed=packed).loss, expected, atol=0, rtol=0)
 
 
 def test_an_unknown_kernel_is_refused_and_the_choice_is_not_exported(tiny_cfg):

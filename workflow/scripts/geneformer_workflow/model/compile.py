@@ -30,7 +30,7 @@ def compile_encoder_layers(model: GeneformerForMaskedLM, *, backend: str = COMPI
     """Compile every encoder layer of ``model`` in place (call before any FSDP / DDP wrapping).
 
     Args:
-        model: A model built from ``TORCH_PRIMITIVES``.
+        model: A model built from the PyTorch primitives (``TORCH_PRIMITIVES``, any ``packed_attention``).
         backend: ``torch.compile`` backend; ``"inductor"`` (generated Triton / C++ kernels) for speed, ``"eager"``
             or ``"aot_eager"`` to check tracing and recompilations without code generation.
 
@@ -39,7 +39,8 @@ def compile_encoder_layers(model: GeneformerForMaskedLM, *, backend: str = COMPI
     """
     from .layers import TORCH_PRIMITIVES
 
-    if model.bert.prims is not TORCH_PRIMITIVES:
+    prims = model.bert.prims
+    if (prims.linear, prims.layer_norm) != (TORCH_PRIMITIVES.linear, TORCH_PRIMITIVES.layer_norm):
         msg = (
             "model.compile=true compiles the PyTorch layers only; Transformer Engine layers are left out "
             "(their FP8 state is opaque to torch.compile): set model.compile=false or model.use_te=false"
