@@ -1,5 +1,6 @@
-"""``model.fused_qkv``, ``model.compile`` and ``model.packed_attention`` in training: checked config, the same losses as the plain model (one
-process, and two-process FSDP2 with compiled layers), HF-named exports and ``model.init_from`` across layouts."""
+"""``model.fused_qkv``, ``model.compile`` and ``model.packed_attention`` in training: checked config, the same
+losses as the plain model (one process, and two-process FSDP2 with compiled layers), HF-named exports and
+``model.init_from`` across layouts."""
 
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
-# The expression summary of a file (for the gene medians) is written by its QC job, right after QC, unless the
-# config gives gene medians: one job per input instead of two, since planning costs Snakemake about 1-2 ms per job
-# (10,000 inputs: docs/scale.md). The summary reads the cells.tsv that QC just wrote.
+# The expression summary of a file (for the gene medians) is written by its QC job, in the same pass over the counts
+# as QC (gfw qc --expression-summary), unless the config gives gene medians: one job per input instead of two, since
+# planning costs Snakemake about 1-2 ms per job (10,000 inputs: docs/scale.md), and one read of each file.
 QC_SUMMARIZES = not config["vocabulary"].get("gene_medians")
 EXPRESSION_SUMMARY = "results/medians/{dataset}.npz"
 
 
 rule qc_dataset:
-    """Per-cell QC metrics (scanpy) and the filter_pass verdict for one input file; then, when the workflow computes
-    the gene medians, the file's mergeable histogram of normalised expression per gene over the kept cells."""
+    """Per-cell QC metrics (scanpy) and the filter_pass verdict for one input file and, when the workflow computes
+    the gene medians, the file's mergeable histogram of normalised expression per gene over the kept cells, in one
+    pass over the file."""
     input:
         h5ad=get_h5ad,
     output:
@@ -26,7 +27,7 @@ rule qc_dataset:
         "../../envs/tokenize.yaml"
     threads: 1
     resources:
-        # one pass over the file each, one after the other: the larger of their memory, the sum of their times
+        # one pass over the file, one chunk of cells at a time (the summary's histogram is bounded by the genes)
         mem_mb=4000,
         runtime=120 if QC_SUMMARIZES else 60,
     params:
@@ -37,10 +38,5 @@ rule qc_dataset:
         summary_format=2,
     shell:
         "{params.gfw} qc {input.h5ad:q} -o {output.cells:q} --summary {output.summary:q} --plot {output.plot:q} "
-        "{params.options} {params.thresholds} > {log:q} 2>&1"
-        + (
-            " && {params.gfw} summarize {input.h5ad:q} -o {output.expression:q} --cell-filter {output.cells:q} "
-            "{params.options} >> {log:q} 2>&1"
-            if QC_SUMMARIZES
-            else ""
-        )
+        + ("--expression-summary {output.expression:q} " if QC_SUMMARIZES else "")
+        + "{params.options} {params.thresholds} > {log:q} 2>&1"

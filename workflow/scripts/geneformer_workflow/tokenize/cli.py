@@ -77,6 +77,12 @@ def _add_qc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--summary", type=Path, help="JSON summary to write")
     p.add_argument("--plot", type=Path, help="QC figure to write (.png/.svg)")
     p.add_argument(
+        "--expression-summary",
+        type=Path,
+        help="also write the file's expression summary for gene medians (.npz) over the cells that pass, in the "
+        "same pass: the file `gfw summarize --cell-filter` on the QC table would write",
+    )
+    p.add_argument(
         "--min-counts", type=_optional(float), default=None, help="minimum total counts per cell (default: none)"
     )
     p.add_argument(
@@ -259,7 +265,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if getattr(args, "inputs_from", None) is not None and str(args.inputs_from) != "-":
         inputs.append(args.inputs_from)  # gfw medians' list file: -o must not replace it
     if args.command == "qc":
-        outputs = [args.output, args.summary, args.plot]
+        outputs = [args.output, args.summary, args.plot, args.expression_summary]
     elif args.command == "tokenize":
         from geneformer_workflow.tokenize.corpus_index import CorpusPaths
 
@@ -315,6 +321,8 @@ def _run(args: argparse.Namespace) -> None:
             gene_id_key=args.gene_id_key,
             summary_json=args.summary,
             plot=args.plot,
+            expression_summary=args.expression_summary,
+            gene_mapping=_mapping(args) if args.expression_summary else None,  # only the summary maps gene ids
             chunk_size=args.chunk_size,
             overwrite=args.overwrite,
         )

@@ -53,7 +53,7 @@ from geneformer_workflow.tokenize.genes import (
     positions,
     report_duplicates,
 )
-from geneformer_workflow.tokenize.h5ad import H5adCounts, InputError
+from geneformer_workflow.tokenize.h5ad import CountChunk, H5adCounts, InputError
 from geneformer_workflow.tokenize.median_table import read_gene_medians
 
 __all__ = [
@@ -302,6 +302,48 @@ def _check_format(path: str | Path, z: np.lib.npyio.NpzFile) -> None:
         raise InputError(msg)
 
 
+class FileSummarizer:
+    """One file's expression summary, built chunk by chunk: what :func:`summarize_h5ad` streams, and what
+    ``gfw qc --expression-summary`` adds in the same pass as the QC metrics (``qc.run_qc``).
+
+    Args:
+        reader: the open file.
+        gene_mapping: gene id -> Ensembl id, for files with symbols.
+        max_exact: genes detected in at most this many cells keep their exact values.
+
+    Raises:
+        InputError: when none of the file's gene ids is an Ensembl id (before any chunk is read).
+    """
+
+    def __init__(
+        self, reader: H5adCounts, *, gene_mapping: dict[str, str] | None = None, max_exact: int = MAX_EXACT
+    ) -> None:
+        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping, source=reader.path), source=reader.path)
+        report_duplicates(reader.path, ids)
+        genes = pd.Index(sorted(set(ids[pd.Index(ids).str.match(ENSEMBL_PATTERN)])))
+        if genes.empty:
+            msg = (
+                f"{reader.path}: none of the {reader.n_vars} gene ids is an Ensembl gene id "
+                f"(e.g. {ids[:3].tolist()}); use the var column with Ensembl ids or pass a gene mapping for symbols"
+            )
+            raise InputError(msg)
+        self.reader = reader
+        self.collapse = collapse_matrix(positions(ids, genes), len(genes))
+        self.total = Accumulator(genes.to_numpy(dtype=object).astype(str), max_exact)
+
+    def add_chunk(self, chunk: CountChunk, keep_rows: np.ndarray) -> None:
+        """Add the normalised nonzero values of the chunk's cells where ``keep_rows`` (and the cell has counts)."""
+        n_counts = self.reader.n_counts(chunk)
+        rows = keep_rows & (n_counts > 0)
+        gene_counts = (chunk.matrix[rows] @ self.collapse).tocoo()
+        values = gene_counts.data / n_counts[rows][gene_counts.row] * TARGET_SUM
+        self.total.add_values(gene_counts.col, values, int(rows.sum()))
+
+    def result(self) -> ExpressionSummary:
+        """The summary of every chunk added."""
+        return ExpressionSummary.from_accumulator(self.total)
+
+
 def summarize_h5ad(
     path: str | Path,
     *,
@@ -324,31 +366,16 @@ def summarize_h5ad(
         max_exact: genes detected in at most this many cells keep their exact values.
     """
     with H5adCounts(path, counts=counts, gene_id_key=gene_id_key) as reader:
-        ids = normalize_gene_ids(map_gene_ids(reader.gene_ids, gene_mapping, source=reader.path), source=reader.path)
-        report_duplicates(reader.path, ids)
-        genes = pd.Index(sorted(set(ids[pd.Index(ids).str.match(ENSEMBL_PATTERN)])))
-        if genes.empty:
-            msg = (
-                f"{reader.path}: none of the {reader.n_vars} gene ids is an Ensembl gene id "
-                f"(e.g. {ids[:3].tolist()}); use the var column with Ensembl ids or pass a gene mapping for symbols"
-            )
-            raise InputError(msg)
-        gene_ids = genes.to_numpy(dtype=object)
-        collapse = collapse_matrix(positions(ids, genes), len(genes))
+        summarizer = FileSummarizer(reader, gene_mapping=gene_mapping, max_exact=max_exact)
         qc_pass = load_cell_filter(cell_filter, reader) if cell_filter else None
         keep = cells_to_keep(reader, qc_pass)
         require_some_cells(reader, keep)
-        total = Accumulator(gene_ids.astype(str), max_exact)
         progress = Progress(f"medians {reader.path.name}", reader.n_obs, unit="cells")
         for chunk in reader.iter_chunks(chunk_size):
-            n_counts = reader.n_counts(chunk)
-            rows = keep[chunk.start : chunk.stop] & (n_counts > 0)
-            gene_counts = (chunk.matrix[rows] @ collapse).tocoo()
-            values = gene_counts.data / n_counts[rows][gene_counts.row] * TARGET_SUM
-            total.add_values(gene_counts.col, values, int(rows.sum()))
+            summarizer.add_chunk(chunk, keep[chunk.start : chunk.stop])
             progress.update(chunk.stop - chunk.start)
         progress.close()
-    return ExpressionSummary.from_accumulator(total)
+    return summarizer.result()
 
 
 def merge_summaries(summaries: Iterable[ExpressionSummary]) -> ExpressionSummary:

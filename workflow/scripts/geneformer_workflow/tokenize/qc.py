@@ -1,14 +1,17 @@
 """Per-cell quality control with scanpy, streamed in row chunks, and the ``filter_pass`` verdict.
 
 Cell metrics are row-local, so computing them chunk by chunk with ``scanpy.pp.calculate_qc_metrics``
-gives exactly the whole-file result. Mitochondrial genes are found by symbol prefix (``MT-``) when
-``var`` has a symbol column, else by the shipped list of human MT Ensembl ids (GRCh38, Ensembl 93).
+gives exactly the whole-file result; so is the verdict (fixed thresholds), which lets ``run_qc`` also build the
+file's expression summary for the gene medians in the same pass (``expression_summary``). Mitochondrial genes
+are found by symbol prefix (``MT-``) when ``var`` has a symbol column, else by the shipped list of human MT
+Ensembl ids (GRCh38, Ensembl 93).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,9 +21,10 @@ import pandas as pd
 
 from geneformer_workflow.atomic import atomic_files, check_outputs
 from geneformer_workflow.progress import Progress
-from geneformer_workflow.tokenize._cells import filter_pass
+from geneformer_workflow.tokenize._cells import filter_pass, require_some_cells
 from geneformer_workflow.tokenize.genes import normalize_gene_ids
-from geneformer_workflow.tokenize.h5ad import H5adCounts
+from geneformer_workflow.tokenize.h5ad import CountChunk, H5adCounts
+from geneformer_workflow.tokenize.medians import FileSummarizer
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,16 @@ def mitochondrial_mask(reader: H5adCounts) -> np.ndarray:
     return np.isin(normalize_gene_ids(reader.gene_ids), list(mito_ids))
 
 
-def compute_qc_metrics(reader: H5adCounts, *, chunk_size: int = 2048) -> pd.DataFrame:
-    """Per-cell ``total_counts``, ``n_genes_by_counts`` and ``pct_counts_mt`` (percent)."""
+def compute_qc_metrics(
+    reader: H5adCounts,
+    *,
+    chunk_size: int = 2048,
+    on_chunk: Callable[[CountChunk, pd.DataFrame], None] | None = None,
+) -> pd.DataFrame:
+    """Per-cell ``total_counts``, ``n_genes_by_counts`` and ``pct_counts_mt`` (percent).
+
+    ``on_chunk(chunk, metrics)`` is called with each chunk and its cells' metrics, for work in the same pass.
+    """
     import anndata as ad
     import scanpy as sc
 
@@ -63,6 +75,8 @@ def compute_qc_metrics(reader: H5adCounts, *, chunk_size: int = 2048) -> pd.Data
         adata = ad.AnnData(X=chunk.matrix, obs=obs, var=var)
         metrics, _ = sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=False)
         parts.append(metrics[["total_counts", "n_genes_by_counts", "pct_counts_mt"]])
+        if on_chunk is not None:
+            on_chunk(chunk, parts[-1])
         progress.update(chunk.stop - chunk.start)
     progress.close()
     table = pd.concat(parts)
@@ -99,19 +113,32 @@ def run_qc(
     gene_id_key: str | None = None,
     summary_json: str | Path | None = None,
     plot: str | Path | None = None,
+    expression_summary: str | Path | None = None,
+    gene_mapping: dict[str, str] | None = None,
     chunk_size: int = 2048,
     overwrite: bool = True,
 ) -> dict:
     """QC one file: write the per-cell table (with ``filter_pass``), a JSON summary and a plot.
 
-    The outputs appear together (the summary, when asked for, last) or not at all; see ``atomic.atomic_files``.
+    With ``expression_summary``, also the file's expression summary over the cells that pass (``.npz``, the same
+    file as ``gfw summarize`` with ``--cell-filter`` on the table written here, and ``gene_mapping`` for symbols),
+    built in the same pass over the counts; then a file where no cell passes is an error, as for ``gfw summarize``.
+    The outputs appear together (the summary JSON, when asked for, last) or not at all; see ``atomic.atomic_files``.
     """
-    outputs = [Path(p) for p in (out_table, plot, summary_json) if p]
+    outputs = [Path(p) for p in (out_table, plot, expression_summary, summary_json) if p]
     check_outputs(outputs, inputs=[path], overwrite=overwrite)
     with H5adCounts(path, counts=counts, gene_id_key=gene_id_key) as reader:
         input_pass = filter_pass(reader) if "filter_pass" in reader.obs_columns else None  # checked first
-        metrics = compute_qc_metrics(reader, chunk_size=chunk_size)
+        summarizer = FileSummarizer(reader, gene_mapping=gene_mapping) if expression_summary else None
+
+        def summarize_chunk(chunk: CountChunk, metrics: pd.DataFrame) -> None:
+            chunk_pass = None if input_pass is None else input_pass[chunk.start : chunk.stop]
+            summarizer.add_chunk(chunk, apply_thresholds(metrics, thresholds, chunk_pass).to_numpy().astype(bool))
+
+        metrics = compute_qc_metrics(reader, chunk_size=chunk_size, on_chunk=summarize_chunk if summarizer else None)
         metrics["filter_pass"] = apply_thresholds(metrics, thresholds, input_pass)
+        if summarizer is not None:
+            require_some_cells(reader, metrics["filter_pass"].to_numpy().astype(bool))
     summary = {
         "source": str(path),
         "n_cells": len(metrics),
@@ -126,7 +153,9 @@ def run_qc(
     with atomic_files(outputs, inputs=[path], overwrite=overwrite) as tmp:
         metrics.to_csv(tmp[0], sep="\t", float_format="%.6g")
         if plot:
-            plot_qc(metrics, thresholds, tmp[1], title=Path(path).name)
+            plot_qc(metrics, thresholds, tmp[outputs.index(Path(plot))], title=Path(path).name)
+        if summarizer is not None:
+            summarizer.result().save(tmp[outputs.index(Path(expression_summary))])
         if summary_json:
             tmp[-1].write_text(json.dumps(summary, indent=2) + "\n")
     return summary
